@@ -1,0 +1,5 @@
+//! tern: an instant-messaging node for small hardware. See docs/architecture.md.
+
+pub mod ids;
+pub mod limits;
+pub mod protocol;

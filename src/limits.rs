@@ -1,0 +1,90 @@
+//! Every bound the node enforces, named, with what it costs.
+//!
+//! Nothing in tern grows without a limit from this file. A limit that needs a value at run
+//! time (`--shards`, heartbeat interval) lives in `shard::Config`, with its default here.
+
+/// Largest frame on the wire, header included. Bounds the reassembly buffer of one
+/// connection (allocated only while a frame is partially received).
+pub const FRAME_SIZE_MAX: usize = 64 * 1024;
+
+/// Fixed frame header: u32 length, u16 kind, u16 flags, u32 request id.
+pub const FRAME_HEADER_SIZE: usize = 12;
+
+/// Largest message text in bytes. Leaves room in `FRAME_SIZE_MAX` for the envelope.
+pub const MESSAGE_TEXT_SIZE_MAX: usize = 16 * 1024;
+
+/// Longest user name, device name, client name and token, in bytes.
+pub const USER_NAME_SIZE_MAX: usize = 64;
+pub const DEVICE_NAME_SIZE_MAX: usize = 64;
+pub const CLIENT_NAME_SIZE_MAX: usize = 64;
+pub const PASSWORD_SIZE_MAX: usize = 256;
+pub const TOKEN_SIZE_MAX: usize = 256;
+/// Error and kick messages sent by the node are cut to this length.
+pub const ERROR_MESSAGE_SIZE_MAX: usize = 256;
+
+/// Most timeline entries in one sync page. 100 entries of the largest text stay under
+/// `FRAME_SIZE_MAX` only for small texts, so a page also stops at `SYNC_PAGE_BYTES_MAX`.
+pub const SYNC_PAGE_ENTRIES_MAX: u32 = 256;
+/// Byte budget of the entries in one sync page or one push frame.
+pub const SYNC_PAGE_BYTES_MAX: usize = FRAME_SIZE_MAX - 1024;
+
+/// Per-connection write backlog (bytes queued but not yet taken by the kernel). A connection
+/// over it is closed; its device resyncs from the timeline on reconnect. 256 KiB × 10k
+/// stalled readers would be 2.5 GiB, but only stalled readers hold any of it.
+pub const CONNECTION_BACKLOG_MAX: usize = 256 * 1024;
+
+/// Frames handled for one connection per wake-up before the shard moves on (fairness).
+pub const FRAMES_PER_TURN_MAX: usize = 256;
+
+/// Requests of one connection waiting on the store writer. Past it the connection gets a
+/// `busy` error for each further send until completions come back.
+pub const CONNECTION_INFLIGHT_MAX: u32 = 1024;
+
+/// Connections one shard holds. Each slot costs `size_of::<session::Conn>()` (~200 B) plus
+/// the kernel's socket; the process fd limit is usually the tighter bound.
+pub const SHARD_CONNECTIONS_MAX: usize = 1 << 20;
+
+/// Connections that have not logged in yet, per shard. Bounds the work a flood of
+/// half-open clients can cause.
+pub const SHARD_UNAUTHENTICATED_MAX: usize = 4096;
+
+/// Time a new connection has to say hello and log in.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Default heartbeat interval the node announces in HelloOk.
+pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u32 = 30_000;
+/// A connection silent for this many heartbeat intervals (in tenths) is closed.
+pub const IDLE_TIMEOUT_INTERVAL_TENTHS: u64 = 25;
+
+/// Timer wheel: slot width and slot count. One revolution covers 51.2 s; longer
+/// deadlines stay in their slot for more revolutions.
+pub const TIMER_TICK_MS: u64 = 100;
+pub const TIMER_SLOTS: usize = 512;
+
+/// Store writer queue (shards → writer). A full queue answers the sender `busy`.
+pub const WRITER_QUEUE_MAX: usize = 16 * 1024;
+/// Most operations applied in one write transaction (one fsync).
+pub const WRITER_BATCH_MAX: usize = 1024;
+
+/// Per-shard mailbox (writer → shard): completions and pushes. The writer waits for room,
+/// so a full mailbox slows commits rather than dropping an acknowledgement.
+pub const SHARD_MAILBOX_MAX: usize = 64 * 1024;
+
+/// LMDB map size on 64-bit targets and on 32-bit ones, where the map must fit in a 3 GiB
+/// address space beside heap and stacks.
+pub const MAP_SIZE_DEFAULT_64: usize = 8 << 30;
+pub const MAP_SIZE_DEFAULT_32: usize = 768 << 20;
+/// LMDB reader slots: one per shard thread plus CLI processes reading concurrently.
+pub const MAP_READERS_MAX: u32 = 256;
+
+/// Token lifetime.
+pub const TOKEN_LIFETIME_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Most shards one node runs.
+pub const SHARDS_MAX: usize = 256;
+
+const _: () = assert!(FRAME_HEADER_SIZE < FRAME_SIZE_MAX);
+const _: () = assert!(MESSAGE_TEXT_SIZE_MAX + 1024 < SYNC_PAGE_BYTES_MAX);
+const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
+const _: () = assert!(TIMER_SLOTS.is_power_of_two());
+const _: () = assert!(SHARDS_MAX <= u16::MAX as usize);
