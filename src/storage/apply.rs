@@ -1,0 +1,308 @@
+//! The schema rules of each write op, applied inside one LMDB write transaction.
+//!
+//! Everything here runs on the writer thread. An op either applies completely or returns an
+//! error, after which the caller must drop the transaction (abort): nothing here commits a
+//! part of an op, and nothing here may panic on what a client sent.
+
+use std::sync::Arc;
+
+use heed::{PutFlags, RwTxn};
+
+use super::schema::{self, Dbs, DedupEntry, DeviceKey, META_NEXT_MSG_ID};
+use super::writer::{Delivery, OpResult, Origin, WriteOp};
+use super::{Store, StoreError};
+use crate::ids::UserId;
+use crate::protocol::{Message, SendAck};
+
+/// Bytes of an archived `Message` beyond its three strings: five u64 fields and three
+/// string headers, rounded up. Only sizes the serialisation buffer.
+const MESSAGE_ARCHIVE_OVERHEAD: usize = 64;
+
+/// Refuses an op that can never apply, without a transaction: the writer fails it alone
+/// instead of letting it abort its whole batch.
+pub(super) fn check(op: &WriteOp) -> Result<(), StoreError> {
+    match op {
+        WriteOp::Send { .. } => Ok(()),
+        WriteOp::DeviceAck { user, device, .. } => match DeviceKey::new(*user, device) {
+            Some(_) => Ok(()),
+            None => Err(StoreError::InvalidArgument("device name")),
+        },
+    }
+}
+
+/// Applies `ops` in one write transaction and commits it. On success `results` and
+/// `deliveries` hold what the ops produced; on error nothing was committed and what was
+/// pushed to them must be discarded.
+pub(super) fn in_one_txn(
+    store: &Store,
+    ops: &mut [WriteOp],
+    results: &mut Vec<OpResult>,
+    deliveries: &mut Vec<Delivery>,
+) -> Result<(), StoreError> {
+    let dbs = store.dbs();
+    let mut txn = store
+        .env()
+        .write_txn()
+        .map_err(StoreError::lmdb("begin write txn"))?;
+    for op in ops.iter_mut() {
+        match op {
+            WriteOp::Send {
+                origin,
+                from,
+                from_name,
+                to,
+                to_name,
+                client_msg_id,
+                text,
+                sent_at_ms,
+            } => {
+                let send = SendFields {
+                    origin: *origin,
+                    from: *from,
+                    from_name,
+                    to: *to,
+                    to_name,
+                    client_msg_id: *client_msg_id,
+                    text,
+                    sent_at_ms: *sent_at_ms,
+                };
+                apply_send(&mut txn, dbs, send, results, deliveries)?;
+            }
+            WriteOp::DeviceAck {
+                user,
+                device,
+                up_to_seq,
+            } => {
+                apply_device_ack(&mut txn, dbs, *user, device, *up_to_seq)?;
+            }
+        }
+    }
+    // Dropping `txn` on an error above aborts it.
+    txn.commit().map_err(StoreError::lmdb("commit write txn"))
+}
+
+/// The fields of a `WriteOp::Send`, with the strings borrowed mutably: they are moved into
+/// the archived message and moved back afterwards, so the op stays whole for a retry
+/// without copying the text.
+struct SendFields<'a> {
+    origin: Origin,
+    from: UserId,
+    from_name: &'a mut String,
+    to: UserId,
+    to_name: &'a mut String,
+    client_msg_id: u64,
+    text: &'a mut String,
+    sent_at_ms: u64,
+}
+
+fn apply_send(
+    txn: &mut RwTxn,
+    dbs: &Dbs,
+    mut send: SendFields<'_>,
+    results: &mut Vec<OpResult>,
+    deliveries: &mut Vec<Delivery>,
+) -> Result<(), StoreError> {
+    let dedup_key = schema::dedup_key(send.from, send.client_msg_id);
+    // The transaction sees its own writes, so a second copy in the same batch finds the
+    // first one here too.
+    let stored = dbs
+        .dedup
+        .get(txn, &dedup_key)
+        .map_err(StoreError::lmdb("read dedup"))?;
+    if let Some(value) = stored {
+        let first = DedupEntry::decode(value)?;
+        results.push(OpResult::SendAcked {
+            origin: send.origin,
+            ack: SendAck {
+                msg_id: first.msg_id,
+                seq: first.sender_seq,
+                sent_at_ms: first.sent_at_ms,
+                duplicate: true,
+            },
+        });
+        return Ok(());
+    }
+
+    let msg_id = schema::counter_next(txn, dbs, META_NEXT_MSG_ID)?;
+    let message: Arc<[u8]> = archive_message(msg_id, &mut send)?.into();
+    put_new(
+        dbs.messages,
+        txn,
+        PutFlags::APPEND,
+        &schema::msg_key(msg_id),
+        &message,
+        "write message",
+        "message id reused",
+    )?;
+    schema::counter_set(txn, dbs, META_NEXT_MSG_ID, msg_id + 1)?;
+
+    let to_seq = append_to_timeline(txn, dbs, send.to, msg_id)?;
+    let from_seq = if send.from == send.to {
+        // A note to oneself is one entry, seen once by each of the user's devices.
+        to_seq
+    } else {
+        append_to_timeline(txn, dbs, send.from, msg_id)?
+    };
+    let first = DedupEntry {
+        msg_id,
+        sender_seq: from_seq,
+        sent_at_ms: send.sent_at_ms,
+    };
+    put_new(
+        dbs.dedup,
+        txn,
+        PutFlags::NO_OVERWRITE,
+        &dedup_key,
+        &first.encode(),
+        "write dedup",
+        "dedup entry exists",
+    )?;
+
+    results.push(OpResult::SendAcked {
+        origin: send.origin,
+        ack: SendAck {
+            msg_id,
+            seq: from_seq,
+            sent_at_ms: send.sent_at_ms,
+            duplicate: false,
+        },
+    });
+    if send.from != send.to {
+        deliveries.push(Delivery {
+            user: send.to,
+            seq: to_seq,
+            message: Arc::clone(&message),
+        });
+    }
+    deliveries.push(Delivery {
+        user: send.from,
+        seq: from_seq,
+        message,
+    });
+    Ok(())
+}
+
+/// Archives the stored form of a send: the archived `protocol::Message`, exactly the bytes
+/// that are stored, synced and pushed.
+fn archive_message(msg_id: u64, send: &mut SendFields<'_>) -> Result<Vec<u8>, StoreError> {
+    let message = Message {
+        msg_id,
+        from_id: send.from.0,
+        from: std::mem::take(send.from_name),
+        to_id: send.to.0,
+        to: std::mem::take(send.to_name),
+        client_msg_id: send.client_msg_id,
+        sent_at_ms: send.sent_at_ms,
+        text: std::mem::take(send.text),
+    };
+    let capacity =
+        MESSAGE_ARCHIVE_OVERHEAD + message.from.len() + message.to.len() + message.text.len();
+    let archived = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Failure>(
+        &message,
+        Vec::with_capacity(capacity),
+    );
+    // Give the strings back whatever happened: the op is retried alone if the batch fails.
+    *send.from_name = message.from;
+    *send.to_name = message.to;
+    *send.text = message.text;
+    // Serialising into a Vec fails only if a relative pointer overflows 32 bits, i.e. for
+    // strings far past every limit the shard checks.
+    archived.map_err(|_| StoreError::InvalidArgument("message too large to archive"))
+}
+
+/// Appends `msg_id` to `user`'s timeline at head + 1 and moves the head. Returns the seq.
+fn append_to_timeline(
+    txn: &mut RwTxn,
+    dbs: &Dbs,
+    user: UserId,
+    msg_id: u64,
+) -> Result<u64, StoreError> {
+    let head = schema::head(txn, dbs, user)?;
+    #[cfg(debug_assertions)]
+    {
+        // Invariant: a timeline holds exactly seqs 1..=head. Checked on the last entry.
+        let last = last_timeline_seq(txn, dbs, user)?;
+        assert_eq!(
+            last, head,
+            "timeline of {user:?} is out of step with its head"
+        );
+    }
+    let seq = head
+        .checked_add(1)
+        .ok_or(StoreError::Corrupt("timeline seq exhausted"))?;
+    put_new(
+        dbs.timelines,
+        txn,
+        PutFlags::NO_OVERWRITE,
+        &schema::timeline_key(user, seq),
+        &schema::msg_key(msg_id),
+        "write timeline",
+        "timeline entry past head",
+    )?;
+    dbs.heads
+        .put(txn, &schema::user_key(user), &seq.to_be_bytes())
+        .map_err(StoreError::lmdb("write head"))?;
+    Ok(seq)
+}
+
+/// Seq of the last entry in `user`'s timeline, 0 if it has none.
+#[cfg(debug_assertions)]
+fn last_timeline_seq(txn: &RwTxn, dbs: &Dbs, user: UserId) -> Result<u64, StoreError> {
+    let mut entries = dbs
+        .timelines
+        .rev_prefix_iter(txn, &schema::user_key(user))
+        .map_err(StoreError::lmdb("open timeline prefix"))?;
+    match entries.next() {
+        None => Ok(0),
+        Some(entry) => {
+            let (key, _) = entry.map_err(StoreError::lmdb("read timeline"))?;
+            Ok(schema::decode_pair(key, "timeline key length")?.1)
+        }
+    }
+}
+
+fn apply_device_ack(
+    txn: &mut RwTxn,
+    dbs: &Dbs,
+    user: UserId,
+    device: &str,
+    up_to_seq: u64,
+) -> Result<(), StoreError> {
+    let key = DeviceKey::new(user, device).ok_or(StoreError::InvalidArgument("device name"))?;
+    let head = schema::head(txn, dbs, user)?;
+    let old = match dbs
+        .device_acks
+        .get(txn, key.as_bytes())
+        .map_err(StoreError::lmdb("read device ack"))?
+    {
+        None => 0,
+        Some(bytes) => schema::decode_u64(bytes, "device ack value length")?,
+    };
+    // Forward only, and never past what exists: a device cannot have stored an entry that
+    // was not written yet.
+    let new = old.max(up_to_seq.min(head));
+    if new != old {
+        dbs.device_acks
+            .put(txn, key.as_bytes(), &new.to_be_bytes())
+            .map_err(StoreError::lmdb("write device ack"))?;
+    }
+    Ok(())
+}
+
+/// Puts a key that must not exist yet; finding it is a broken invariant of the stored data,
+/// reported as `what`.
+fn put_new(
+    db: schema::Db,
+    txn: &mut RwTxn,
+    flags: PutFlags,
+    key: &[u8],
+    value: &[u8],
+    op: &'static str,
+    what: &'static str,
+) -> Result<(), StoreError> {
+    match db.put_with_flags(txn, flags, key, value) {
+        Ok(()) => Ok(()),
+        Err(heed::Error::Mdb(heed::MdbError::KeyExist)) => Err(StoreError::Corrupt(what)),
+        Err(error) => Err(StoreError::lmdb(op)(error)),
+    }
+}

@@ -1,0 +1,232 @@
+//! The store: LMDB through heed. Users, messages, per-user timelines, device ack cursors.
+//!
+//! `Store` opens the environment and hands out short read transactions (`ReadView`) that
+//! shard threads use without ever blocking. All message writes go through the one writer
+//! thread in `writer` (group commit); the only other write is `Store::add_user`, which takes
+//! its own transaction so the `tern add-user` command can run beside a live node.
+//!
+//! This module must not: open a write transaction on a shard thread (a write transaction
+//! waits on LMDB's process-wide writer lock, and a commit waits for an fsync); keep a read
+//! transaction beyond one request (it pins old pages and fills the map); or cache a counter
+//! outside a transaction (another process may have written since).
+
+mod apply;
+mod error;
+mod read;
+mod schema;
+pub mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
+
+pub use error::StoreError;
+pub use read::ReadView;
+pub use writer::{
+    CommitSink, Delivery, OpResult, Origin, WriteOp, WriterHandle, WriterStats, spawn_writer,
+};
+
+use crate::ids::UserId;
+use crate::limits::{MAP_READERS_MAX, USER_NAME_SIZE_MAX};
+use schema::{Dbs, META_NEXT_USER_ID};
+
+/// Whether a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every group commit fsyncs before its sends are acknowledged.
+    Fsync,
+    /// LMDB `NO_SYNC`: commits reach the page cache only; the OS writes them back later, and
+    /// `Store::sync` forces them out at shutdown. A power cut loses the last commits (and
+    /// on file systems that reorder writes may damage the store). For SD cards whose fsync
+    /// latency would otherwise bound throughput.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Bytes of address space reserved for the map, and the most the store file can grow
+    /// to. Rounded up to the page size at open.
+    pub map_size: usize,
+    pub durability: Durability,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            map_size: MAP_SIZE_DEFAULT,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// A 32-bit process must fit the whole map in its 3 GiB address space.
+#[cfg(target_pointer_width = "64")]
+const MAP_SIZE_DEFAULT: usize = crate::limits::MAP_SIZE_DEFAULT_64;
+#[cfg(not(target_pointer_width = "64"))]
+const MAP_SIZE_DEFAULT: usize = crate::limits::MAP_SIZE_DEFAULT_32;
+
+/// A user account as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub name: String,
+    /// Argon2 PHC string (see `auth::hash_password`).
+    pub password_hash: String,
+}
+
+/// The open store. Cheap to clone; every clone shares one LMDB environment.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    /// Read transactions without thread-local reader slots: a thread may hold two views at
+    /// once without `BadRslot`, and a view could move between threads.
+    env: heed::Env<WithoutTls>,
+    dbs: Dbs,
+    durability: Durability,
+}
+
+// Shards and the writer share the store across threads.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
+};
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    ///
+    /// heed allows one environment per path per process: opening a directory this process
+    /// already has open fails with `StoreError::Lmdb` (`EnvAlreadyOpened`). Clone the
+    /// `Store` instead. Other processes may open it at the same time.
+    pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        if config.map_size == 0 {
+            return Err(StoreError::InvalidArgument("map size is zero"));
+        }
+        let map_size = round_up_to_page(config.map_size)?;
+        std::fs::create_dir_all(dir).map_err(|error| StoreError::Io {
+            op: "create store dir",
+            error,
+        })?;
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options
+            .map_size(map_size)
+            .max_dbs(schema::DATABASES_MAX)
+            .max_readers(MAP_READERS_MAX);
+        if config.durability == Durability::None {
+            // SAFETY: NO_SYNC only drops the fsync at commit. Without WRITE_MAP (never set
+            // here) LMDB keeps atomicity and consistency; a system crash loses the most
+            // recent commits, which is the documented contract of `Durability::None`.
+            unsafe {
+                options.flags(EnvFlags::NO_SYNC);
+            }
+        }
+        // SAFETY: the map is only modified through LMDB; this process never writes the data
+        // or lock file by other means, never truncates them, and the store directory is not
+        // on a network file system (a documented requirement of the node's data folder).
+        let env = unsafe { options.open(dir) }.map_err(StoreError::lmdb("open env"))?;
+        let dbs = schema::create(&env)?;
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                env,
+                dbs,
+                durability: config.durability,
+            }),
+        })
+    }
+
+    /// Creates a user in its own write transaction. Ids start at 1 and are never reused.
+    pub fn add_user(&self, name: &str, password_hash: &str) -> Result<UserId, StoreError> {
+        if name.is_empty() {
+            return Err(StoreError::InvalidArgument("user name is empty"));
+        }
+        if name.len() > USER_NAME_SIZE_MAX {
+            return Err(StoreError::InvalidArgument("user name is too long"));
+        }
+        if password_hash.is_empty() {
+            return Err(StoreError::InvalidArgument("password hash is empty"));
+        }
+        let dbs = &self.inner.dbs;
+        let mut txn = self
+            .inner
+            .env
+            .write_txn()
+            .map_err(StoreError::lmdb("begin add_user txn"))?;
+        let taken = dbs
+            .users
+            .get(&txn, name.as_bytes())
+            .map_err(StoreError::lmdb("read user"))?;
+        if taken.is_some() {
+            return Err(StoreError::AlreadyExists);
+        }
+        // Read inside the transaction: the node's writer never touches this counter, but a
+        // second `add-user` process might have bumped it since we last looked.
+        let id = schema::counter_next(&txn, dbs, META_NEXT_USER_ID)?;
+        debug_assert!((1..u64::MAX).contains(&id));
+        let mut value = Vec::with_capacity(8 + password_hash.len());
+        value.extend_from_slice(&id.to_be_bytes());
+        value.extend_from_slice(password_hash.as_bytes());
+        dbs.users
+            .put(&mut txn, name.as_bytes(), &value)
+            .map_err(StoreError::lmdb("write user"))?;
+        let user = UserId(id);
+        dbs.user_names
+            .put(&mut txn, &schema::user_key(user), name.as_bytes())
+            .map_err(StoreError::lmdb("write user name"))?;
+        schema::counter_set(&mut txn, dbs, META_NEXT_USER_ID, id + 1)?;
+        txn.commit().map_err(StoreError::lmdb("commit add_user"))?;
+        Ok(user)
+    }
+
+    /// A short read transaction. Drop it before the request it serves is answered.
+    pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
+        let txn = self
+            .inner
+            .env
+            .read_txn()
+            .map_err(StoreError::lmdb("begin read txn"))?;
+        Ok(ReadView::new(txn, &self.inner.dbs))
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.inner.durability
+    }
+
+    /// Flushes every commit to disk. With `Durability::None` this is what makes the last
+    /// commits durable; call it at shutdown.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.inner
+            .env
+            .force_sync()
+            .map_err(StoreError::lmdb("force sync"))
+    }
+
+    pub(crate) fn env(&self) -> &heed::Env<WithoutTls> {
+        &self.inner.env
+    }
+
+    pub(crate) fn dbs(&self) -> &Dbs {
+        &self.inner.dbs
+    }
+}
+
+/// LMDB refuses a map size that is not a multiple of the OS page size (4 KiB on x86, up to
+/// 64 KiB on some ARM kernels), so round up instead of failing on one board and not another.
+fn round_up_to_page(size: usize) -> Result<usize, StoreError> {
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = usize::try_from(page)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .ok_or_else(|| StoreError::Io {
+            op: "read page size",
+            error: std::io::Error::last_os_error(),
+        })?;
+    size.checked_next_multiple_of(page)
+        .ok_or(StoreError::InvalidArgument("map size overflows"))
+}

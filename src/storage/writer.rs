@@ -1,0 +1,286 @@
+//! The store writer: the one thread that writes messages, with group commit.
+//!
+//! Shards hand it `WriteOp`s through a bounded queue. It blocks for the first op, drains
+//! whatever else has queued (up to `WRITER_BATCH_MAX`), applies the whole batch in one
+//! write transaction and commits it (one fsync for the batch), then gives the results and
+//! the new timeline entries to its `CommitSink`. So a burst that arrives while one fsync
+//! runs shares the next one.
+//!
+//! A failed batch never takes the thread down: the batch transaction is aborted and each op
+//! is retried in a transaction of its own, so one bad op (or the op that filled the map)
+//! fails alone. This thread must not call back into shards other than through the sink, and
+//! must not acknowledge anything before its transaction committed.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use super::{Store, StoreError, apply};
+use crate::ids::{ConnId, ShardId, UserId};
+use crate::limits::{WRITER_BATCH_MAX, WRITER_QUEUE_MAX};
+use crate::protocol::{ErrorCode, SendAck};
+
+/// Where a send came from, so its result finds its way back to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub shard: ShardId,
+    pub conn: ConnId,
+    pub request_id: u32,
+}
+
+/// One write. Ids and names are resolved by the shard; the writer trusts them.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// A 1:1 message. Idempotent per `(from, client_msg_id)`: a resend gets the first ack
+    /// back with `duplicate: true`, whatever its other fields say.
+    Send {
+        origin: Origin,
+        from: UserId,
+        from_name: String,
+        to: UserId,
+        to_name: String,
+        client_msg_id: u64,
+        text: String,
+        sent_at_ms: u64,
+    },
+    /// A device stored every entry up to `up_to_seq`. The cursor only moves forward and
+    /// never past the timeline's head. No result is reported.
+    DeviceAck {
+        user: UserId,
+        device: String,
+        up_to_seq: u64,
+    },
+}
+
+/// The outcome of one `WriteOp::Send`.
+#[derive(Debug)]
+pub enum OpResult {
+    SendAcked {
+        origin: Origin,
+        ack: SendAck,
+    },
+    /// Nothing was stored. `code` is `StorageFull` or `StorageFailed`.
+    SendFailed {
+        origin: Origin,
+        code: ErrorCode,
+    },
+}
+
+/// A committed timeline entry to push to the user's online devices.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub user: UserId,
+    pub seq: u64,
+    /// Archived `protocol::Message`, the same bytes as stored. The entries of both sides of
+    /// a message share one allocation.
+    pub message: Arc<[u8]>,
+}
+
+/// Receives what each batch produced.
+pub trait CommitSink: std::marker::Send + 'static {
+    /// Called on the writer thread once per batch after its transaction committed (or
+    /// failed: then only `SendFailed` results and no deliveries). Deliveries are in commit
+    /// order (per user, increasing seq). The sink drains both vectors; the writer clears
+    /// and reuses them.
+    fn committed(&mut self, results: &mut Vec<OpResult>, deliveries: &mut Vec<Delivery>);
+}
+
+/// What the writer did, returned when it exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Batches handled (one write transaction each, unless a batch failed and was retried
+    /// op by op).
+    pub batches: u64,
+    /// Ops received.
+    pub ops: u64,
+    /// Ops that were not applied (sends answered `SendFailed`, device acks dropped).
+    pub ops_failed: u64,
+}
+
+/// Submits ops to the writer. The writer exits once every handle is dropped and the queue
+/// is drained.
+#[derive(Clone)]
+pub struct WriterHandle {
+    queue: Sender<WriteOp>,
+}
+
+impl WriterHandle {
+    /// Queues `op` without blocking. A full queue or a writer that has exited hands the op
+    /// back, so the shard can answer `busy` (or `shutting_down`).
+    pub fn try_submit(&self, op: WriteOp) -> Result<(), WriteOp> {
+        self.queue.try_send(op).map_err(|error| match error {
+            TrySendError::Full(op) | TrySendError::Disconnected(op) => op,
+        })
+    }
+}
+
+/// Starts the writer thread on `store`, reporting each batch to `sink`.
+pub fn spawn_writer(
+    store: Store,
+    sink: impl CommitSink,
+) -> std::io::Result<(WriterHandle, JoinHandle<WriterStats>)> {
+    let (queue, ops) = crossbeam_channel::bounded(WRITER_QUEUE_MAX);
+    let writer = Writer {
+        store,
+        sink,
+        batch: Vec::with_capacity(WRITER_BATCH_MAX),
+        results: Vec::with_capacity(WRITER_BATCH_MAX),
+        deliveries: Vec::with_capacity(2 * WRITER_BATCH_MAX),
+        stats: WriterStats::default(),
+        full_reported: false,
+    };
+    let thread = std::thread::Builder::new()
+        // Linux keeps 15 bytes of a thread name; this one fits whole in `top -H`.
+        .name("tern-writer".to_owned())
+        .spawn(move || writer.run(ops))?;
+    Ok((WriterHandle { queue }, thread))
+}
+
+struct Writer<S> {
+    store: Store,
+    sink: S,
+    /// Ops of the batch being applied; empty between batches.
+    batch: Vec<WriteOp>,
+    /// Results and deliveries of the batch; handed to the sink, then cleared.
+    results: Vec<OpResult>,
+    deliveries: Vec<Delivery>,
+    stats: WriterStats,
+    /// A full map was reported on stderr and nothing has committed since: don't repeat it
+    /// for every op that follows.
+    full_reported: bool,
+}
+
+impl<S: CommitSink> Writer<S> {
+    fn run(mut self, ops: Receiver<WriteOp>) -> WriterStats {
+        // `recv` fails only once the queue is empty and every handle is gone, so everything
+        // queued before shutdown is committed.
+        while let Ok(first) = ops.recv() {
+            debug_assert!(self.batch.is_empty());
+            self.batch.push(first);
+            while self.batch.len() < WRITER_BATCH_MAX {
+                match ops.try_recv() {
+                    Ok(op) => self.batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch();
+            self.sink.committed(&mut self.results, &mut self.deliveries);
+            self.results.clear();
+            self.deliveries.clear();
+            self.batch.clear();
+        }
+        self.stats
+    }
+
+    fn commit_batch(&mut self) {
+        assert!(!self.batch.is_empty());
+        assert!(self.batch.len() <= WRITER_BATCH_MAX);
+        assert!(self.results.is_empty());
+        assert!(self.deliveries.is_empty());
+        self.stats.batches += 1;
+        self.stats.ops += self.batch.len() as u64;
+        self.drop_invalid_ops();
+        if self.batch.is_empty() {
+            return;
+        }
+        // Results of dropped ops stay; what the batch itself produces comes after them.
+        let results_len = self.results.len();
+        let outcome = apply::in_one_txn(
+            &self.store,
+            &mut self.batch,
+            &mut self.results,
+            &mut self.deliveries,
+        );
+        let error = match outcome {
+            Ok(()) => {
+                self.full_reported = false;
+                return;
+            }
+            Err(error) => error,
+        };
+        // Nothing of the batch committed; forget what it produced.
+        self.results.truncate(results_len);
+        self.deliveries.clear();
+        if self.batch.len() == 1 {
+            // Retrying alone would repeat the same transaction.
+            let origin = op_origin(&self.batch[0]);
+            self.fail(origin, &error);
+            return;
+        }
+        self.report(&error);
+        // One op at a time: the ops that fit still commit, each with its own fsync; this
+        // path runs only after a failure.
+        for index in 0..self.batch.len() {
+            let results_len = self.results.len();
+            let deliveries_len = self.deliveries.len();
+            let outcome = apply::in_one_txn(
+                &self.store,
+                &mut self.batch[index..index + 1],
+                &mut self.results,
+                &mut self.deliveries,
+            );
+            match outcome {
+                Ok(()) => self.full_reported = false,
+                Err(error) => {
+                    self.results.truncate(results_len);
+                    self.deliveries.truncate(deliveries_len);
+                    let origin = op_origin(&self.batch[index]);
+                    self.fail(origin, &error);
+                }
+            }
+        }
+    }
+
+    /// Fails and removes the ops that could never apply, before they can abort the batch
+    /// transaction and send every other op down the slow one-by-one path. Keeps the order
+    /// of the rest (it decides seqs and which copy of a resend is the first).
+    fn drop_invalid_ops(&mut self) {
+        let mut index = 0;
+        while index < self.batch.len() {
+            match apply::check(&self.batch[index]) {
+                Ok(()) => index += 1,
+                Err(error) => {
+                    let op = self.batch.remove(index);
+                    self.fail(op_origin(&op), &error);
+                }
+            }
+        }
+    }
+
+    /// Answers one op that was not applied.
+    fn fail(&mut self, origin: Option<Origin>, error: &StoreError) {
+        self.report(error);
+        self.stats.ops_failed += 1;
+        let code = match error {
+            StoreError::Full => ErrorCode::StorageFull,
+            _ => ErrorCode::StorageFailed,
+        };
+        if let Some(origin) = origin {
+            self.results.push(OpResult::SendFailed { origin, code });
+        }
+    }
+
+    /// The sender only learns a code; the operator needs the reason. A full map is said
+    /// once until something commits again, other failures every time (they are rare and
+    /// each one matters).
+    fn report(&mut self, error: &StoreError) {
+        match error {
+            StoreError::Full if self.full_reported => {}
+            StoreError::Full => {
+                self.full_reported = true;
+                eprintln!("tern: store writer: {error}; sends fail until map_size is raised");
+            }
+            _ => eprintln!("tern: store writer: {error}"),
+        }
+    }
+}
+
+fn op_origin(op: &WriteOp) -> Option<Origin> {
+    match op {
+        WriteOp::Send { origin, .. } => Some(*origin),
+        WriteOp::DeviceAck { .. } => None,
+    }
+}
+
+const _: () = assert!(WRITER_BATCH_MAX <= WRITER_QUEUE_MAX);
