@@ -3,6 +3,11 @@
 pub mod auth;
 pub mod client;
 pub mod ids;
+pub mod io;
 pub mod limits;
+pub mod node;
 pub mod protocol;
+pub mod routing;
+pub mod session;
+pub mod shard;
 pub mod storage;

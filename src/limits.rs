@@ -33,9 +33,6 @@ pub const SYNC_PAGE_BYTES_MAX: usize = FRAME_SIZE_MAX - 1024;
 /// stalled readers would be 2.5 GiB, but only stalled readers hold any of it.
 pub const CONNECTION_BACKLOG_MAX: usize = 256 * 1024;
 
-/// Frames handled for one connection per wake-up before the shard moves on (fairness).
-pub const FRAMES_PER_TURN_MAX: usize = 256;
-
 /// Requests of one connection waiting on the store writer. Past it the connection gets a
 /// `busy` error for each further send until completions come back.
 pub const CONNECTION_INFLIGHT_MAX: u32 = 1024;

@@ -1,1 +1,241 @@
-fn main(){}
+//! The `tern` command line: run a node, manage users, send and sync from a shell.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use tern::io::IoKind;
+use tern::limits::HEARTBEAT_INTERVAL_MS_DEFAULT;
+use tern::node::{Node, NodeConfig, prepare_fd_table};
+use tern::storage::{Durability, Store, StoreConfig, StoreError};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Instant-messaging node for small hardware"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve {
+        #[arg(long, default_value = "./tern-data")]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        listen: SocketAddr,
+        /// Shard threads; default one per core.
+        #[arg(long)]
+        shards: Option<usize>,
+        #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
+        durability: DurabilityArg,
+        /// Heartbeat interval announced to clients; idle connections close after 2.5 of them.
+        #[arg(long, default_value_t = HEARTBEAT_INTERVAL_MS_DEFAULT)]
+        heartbeat_ms: u32,
+        /// LMDB map size in MiB (default: 8192 on 64-bit, 768 on 32-bit).
+        #[arg(long)]
+        map_size_mib: Option<usize>,
+    },
+    /// Manage users (works while the node runs).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Send one message and wait for its durable ack; prints one JSON object.
+    Send {
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        server: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value = "cli")]
+        device: String,
+        #[arg(long)]
+        to: String,
+        text: String,
+    },
+    /// Print the timeline after a seq, one JSON object per entry and line.
+    Sync {
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        server: SocketAddr,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value = "cli")]
+        device: String,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user.
+    Add {
+        name: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value = "./tern-data")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    /// fsync every group commit: an acknowledged message survives power loss.
+    Fsync,
+    /// No fsync: survives a process crash, may lose the last commits on power loss.
+    None,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            data,
+            listen,
+            shards,
+            durability,
+            heartbeat_ms,
+            map_size_mib,
+        } => serve(data, listen, shards, durability, heartbeat_ms, map_size_mib),
+        Command::User {
+            command:
+                UserCommand::Add {
+                    name,
+                    password,
+                    data,
+                },
+        } => user_add(&data, &name, &password),
+        Command::Send {
+            server,
+            user,
+            password,
+            device,
+            to,
+            text,
+        } => cli_client::send(server, &user, &password, &device, &to, &text),
+        Command::Sync {
+            server,
+            user,
+            password,
+            device,
+            after,
+        } => cli_client::sync(server, &user, &password, &device, after),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tern: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(
+    data: PathBuf,
+    listen: SocketAddr,
+    shards: Option<usize>,
+    durability: DurabilityArg,
+    heartbeat_ms: u32,
+    map_size_mib: Option<usize>,
+) -> Result<(), String> {
+    if heartbeat_ms < 10 {
+        return Err("--heartbeat-ms must be at least 10".into());
+    }
+    // Block the shutdown signals before any thread exists, so every thread inherits the
+    // mask and only this thread's sigwait receives them.
+    let signals = block_shutdown_signals();
+    let fd_limit = prepare_fd_table().map_err(|e| format!("raise open-file limit: {e}"))?;
+    let shards =
+        shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = NodeConfig {
+        data_dir: data.clone(),
+        listen,
+        shards,
+        durability: match durability {
+            DurabilityArg::Fsync => Durability::Fsync,
+            DurabilityArg::None => Durability::None,
+        },
+        heartbeat_interval_ms: heartbeat_ms,
+        io: IoKind::Epoll,
+        map_size: map_size_mib.map(|mib| mib << 20),
+    };
+    let node = Node::start(&config).map_err(|e| e.to_string())?;
+    println!(
+        "tern listening on {} (shards {}, io {}, durability {}, data {}, open files {})",
+        node.local_addr(),
+        shards,
+        node.io().name(),
+        match durability {
+            DurabilityArg::Fsync => "fsync",
+            DurabilityArg::None => "none",
+        },
+        data.display(),
+        fd_limit
+    );
+    let _ = std::io::stdout().flush();
+    let signal = wait_for_signal(&signals);
+    eprintln!("tern: signal {signal}, shutting down");
+    node.shutdown().map_err(|e| e.to_string())?;
+    eprintln!("tern: stopped cleanly");
+    Ok(())
+}
+
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut signal = 0;
+    // SAFETY: sigwait reads the set and writes one int.
+    unsafe { while libc::sigwait(set, &mut signal) != 0 {} }
+    signal
+}
+
+fn user_add(data: &std::path::Path, name: &str, password: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > tern::limits::USER_NAME_SIZE_MAX {
+        return Err(format!(
+            "user name must be 1..={} bytes",
+            tern::limits::USER_NAME_SIZE_MAX
+        ));
+    }
+    if password.is_empty() || password.len() > tern::limits::PASSWORD_SIZE_MAX {
+        return Err(format!(
+            "password must be 1..={} bytes",
+            tern::limits::PASSWORD_SIZE_MAX
+        ));
+    }
+    let store = Store::open(data, &StoreConfig::default()).map_err(|e| e.to_string())?;
+    let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
+    match store.add_user(name, &hash) {
+        Ok(id) => {
+            println!("{}", serde_json::json!({ "user": name, "user_id": id.0 }));
+            Ok(())
+        }
+        Err(StoreError::AlreadyExists) => Err(format!("user {name} already exists")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+mod cli_client;

@@ -103,7 +103,11 @@ pub fn read_header(bytes: &[u8]) -> Result<FrameHeader, DecodeError> {
     if flags != 0 {
         return Err(DecodeError::BadFlags(flags));
     }
-    Ok(FrameHeader { kind, request_id, payload_len: len - (FRAME_HEADER_SIZE as u32 - 4) })
+    Ok(FrameHeader {
+        kind,
+        request_id,
+        payload_len: len - (FRAME_HEADER_SIZE as u32 - 4),
+    })
 }
 
 /// Validates `payload` in place as an archive of `T`.
@@ -133,12 +137,20 @@ where
 }
 
 /// Appends one frame whose payload `write` appends to the buffer.
-pub fn encode_with(out: &mut Vec<u8>, kind: Kind, request_id: u32, write: impl FnOnce(&mut Vec<u8>)) -> usize {
+pub fn encode_with(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    request_id: u32,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_SIZE]);
     write(out);
     let size = out.len() - start;
-    assert!(size <= FRAME_SIZE_MAX, "encoded {kind:?} frame of {size} bytes");
+    assert!(
+        size <= FRAME_SIZE_MAX,
+        "encoded {kind:?} frame of {size} bytes"
+    );
     let len = (size - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 6].copy_from_slice(&(kind as u16).to_le_bytes());
@@ -167,13 +179,15 @@ impl FrameReader {
     }
 
     /// Feeds `input`; calls `on_frame` for each complete frame in order. Stops at the first
-    /// malformed header, or when `on_frame` returns false (the rest of the input is dropped:
-    /// the caller is closing the connection).
+    /// malformed header, or when `on_frame` returns false. Returns how many bytes of `input`
+    /// were consumed (all of them unless `on_frame` stopped early; the caller keeps the rest).
     pub fn feed(
         &mut self,
-        mut input: &[u8],
+        input: &[u8],
         mut on_frame: impl FnMut(FrameHeader, &[u8]) -> bool,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<usize, DecodeError> {
+        let total_len = input.len();
+        let mut input = input;
         if !self.partial.is_empty() {
             // Complete the buffered frame first: its header, then its body.
             if self.partial.len() < FRAME_HEADER_SIZE {
@@ -181,7 +195,7 @@ impl FrameReader {
                 self.partial.extend_from_slice(&input[..take]);
                 input = &input[take..];
                 if self.partial.len() < FRAME_HEADER_SIZE {
-                    return Ok(());
+                    return Ok(total_len);
                 }
             }
             let header = read_header(&self.partial)?;
@@ -190,11 +204,11 @@ impl FrameReader {
             self.partial.extend_from_slice(&input[..take]);
             input = &input[take..];
             if self.partial.len() < total {
-                return Ok(());
+                return Ok(total_len);
             }
             let frame = std::mem::take(&mut self.partial);
             if !on_frame(header, &frame[FRAME_HEADER_SIZE..]) {
-                return Ok(());
+                return Ok(total_len - input.len());
             }
         }
         while input.len() >= FRAME_HEADER_SIZE {
@@ -203,10 +217,11 @@ impl FrameReader {
             if input.len() < total {
                 break;
             }
-            if !on_frame(header, &input[FRAME_HEADER_SIZE..total]) {
-                return Ok(());
-            }
+            let frame_ok = on_frame(header, &input[FRAME_HEADER_SIZE..total]);
             input = &input[total..];
+            if !frame_ok {
+                return Ok(total_len - input.len());
+            }
         }
         if !input.is_empty() {
             if input.len() >= FRAME_HEADER_SIZE {
@@ -217,7 +232,7 @@ impl FrameReader {
             self.partial.extend_from_slice(input);
         }
         debug_assert!(self.partial.len() <= FRAME_SIZE_MAX);
-        Ok(())
+        Ok(total_len)
     }
 }
 
@@ -226,7 +241,10 @@ mod tests {
     use super::*;
     use crate::protocol::*;
 
-    fn frames(reader: &mut FrameReader, bytes: &[u8]) -> Result<Vec<(FrameHeader, Vec<u8>)>, DecodeError> {
+    fn frames(
+        reader: &mut FrameReader,
+        bytes: &[u8],
+    ) -> Result<Vec<(FrameHeader, Vec<u8>)>, DecodeError> {
         let mut out = Vec::new();
         reader.feed(bytes, |h, p| {
             out.push((h, p.to_vec()));
@@ -236,9 +254,24 @@ mod tests {
     }
 
     #[test]
+    fn stopping_early_reports_consumed_bytes() {
+        let mut buf = Vec::new();
+        let first = encode(&mut buf, Kind::Ping, 1, &Ping { nonce: 1 });
+        encode(&mut buf, Kind::Ping, 2, &Ping { nonce: 2 });
+        let mut reader = FrameReader::new();
+        let consumed = reader.feed(&buf, |_, _| false).unwrap();
+        assert_eq!(consumed, first);
+        assert_eq!(reader.buffered(), 0);
+    }
+
+    #[test]
     fn encode_then_decode_round_trips() {
         let mut buf = Vec::new();
-        let send = Send { to: "bob".into(), client_msg_id: 7, text: "hi there".into() };
+        let send = Send {
+            to: "bob".into(),
+            client_msg_id: 7,
+            text: "hi there".into(),
+        };
         let size = encode(&mut buf, Kind::Send, 42, &send);
         assert_eq!(size, buf.len());
         let mut reader = FrameReader::new();
@@ -267,7 +300,13 @@ mod tests {
         assert_eq!(got.len(), 5);
         for (i, (h, p)) in got.iter().enumerate() {
             assert_eq!(h.request_id, i as u32 + 1);
-            assert_eq!(access::<ArchivedPing>(Kind::Ping, p).unwrap().nonce.to_native(), i as u64);
+            assert_eq!(
+                access::<ArchivedPing>(Kind::Ping, p)
+                    .unwrap()
+                    .nonce
+                    .to_native(),
+                i as u64
+            );
         }
         assert_eq!(reader.buffered(), 0);
     }
@@ -277,24 +316,45 @@ mod tests {
         let mut bytes = ((FRAME_SIZE_MAX as u32) * 4).to_le_bytes().to_vec();
         bytes.extend_from_slice(&[5, 0, 0, 0, 1, 0, 0, 0]);
         let mut reader = FrameReader::new();
-        assert!(matches!(frames(&mut reader, &bytes), Err(DecodeError::BadLength(_))));
+        assert!(matches!(
+            frames(&mut reader, &bytes),
+            Err(DecodeError::BadLength(_))
+        ));
     }
 
     #[test]
     fn short_length_unknown_kind_and_flags_are_rejected() {
         let mut reader = FrameReader::new();
         let short = [2u8, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0];
-        assert!(matches!(frames(&mut reader, &short), Err(DecodeError::BadLength(2))));
+        assert!(matches!(
+            frames(&mut reader, &short),
+            Err(DecodeError::BadLength(2))
+        ));
         let unknown = [8u8, 0, 0, 0, 99, 0, 0, 0, 0, 0, 0, 0];
-        assert!(matches!(frames(&mut FrameReader::new(), &unknown), Err(DecodeError::UnknownKind(99))));
+        assert!(matches!(
+            frames(&mut FrameReader::new(), &unknown),
+            Err(DecodeError::UnknownKind(99))
+        ));
         let flags = [8u8, 0, 0, 0, 5, 0, 1, 0, 0, 0, 0, 0];
-        assert!(matches!(frames(&mut FrameReader::new(), &flags), Err(DecodeError::BadFlags(1))));
+        assert!(matches!(
+            frames(&mut FrameReader::new(), &flags),
+            Err(DecodeError::BadFlags(1))
+        ));
     }
 
     #[test]
     fn corrupt_archive_fails_validation() {
         let mut buf = Vec::new();
-        encode(&mut buf, Kind::Send, 1, &Send { to: "bob".into(), client_msg_id: 1, text: "x".into() });
+        encode(
+            &mut buf,
+            Kind::Send,
+            1,
+            &Send {
+                to: "bob".into(),
+                client_msg_id: 1,
+                text: "x".into(),
+            },
+        );
         let payload = &mut buf[FRAME_HEADER_SIZE..];
         // The root sits at the end; its first field is the `to` string. Make its
         // representation claim an out-of-line string far outside the buffer.
@@ -321,16 +381,28 @@ mod tests {
         };
         let stored = rkyv::api::high::to_bytes_in::<_, Failure>(&msg, Vec::new()).unwrap();
         let page = SyncPageRef {
-            entries: vec![EntryRef { seq: 1, message: &stored }, EntryRef { seq: 2, message: &stored }],
+            entries: vec![
+                EntryRef {
+                    seq: 1,
+                    message: &stored,
+                },
+                EntryRef {
+                    seq: 2,
+                    message: &stored,
+                },
+            ],
             head_seq: 2,
             has_more: false,
         };
         let mut buf = Vec::new();
         encode(&mut buf, Kind::SyncPage, 5, &page);
-        let archived = access::<ArchivedSyncPage>(Kind::SyncPage, &buf[FRAME_HEADER_SIZE..]).unwrap();
+        let archived =
+            access::<ArchivedSyncPage>(Kind::SyncPage, &buf[FRAME_HEADER_SIZE..]).unwrap();
         assert_eq!(archived.entries.len(), 2);
         assert_eq!(archived.entries[1].seq.to_native(), 2);
-        let inner = access::<ArchivedMessage>(Kind::SyncPage, archived.entries[1].message.as_slice()).unwrap();
+        let inner =
+            access::<ArchivedMessage>(Kind::SyncPage, archived.entries[1].message.as_slice())
+                .unwrap();
         assert_eq!(inner.text.as_str(), "hello");
         assert_eq!(inner.msg_id.to_native(), 9);
     }

@@ -10,7 +10,8 @@ mod error;
 mod messages;
 
 pub use codec::{
-    DecodeError, FrameHeader, FrameReader, Kind, access, encode, encode_with, frame_len, read_header,
+    DecodeError, FrameHeader, FrameReader, Kind, access, encode, encode_with, frame_len,
+    read_header,
 };
 pub use error::ErrorCode;
 pub use messages::*;

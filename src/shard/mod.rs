@@ -1,0 +1,638 @@
+//! One shard: the per-core loop's state and the one place that composes io, session,
+//! routing and storage.
+//!
+//! A shard owns its connections outright. It reads the store through short read
+//! transactions (never blocking), hands writes to the store writer through a bounded queue,
+//! and learns of commits through its mailbox. Architecture invariant: a shard thread never
+//! blocks outside its backend's wait, except for a password hash at first login.
+
+pub mod mailbox;
+pub mod timer_wheel;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::auth::{self, TokenKey};
+use crate::ids::{ConnId, ShardId, UserId};
+use crate::io::{Handler, Transmit};
+use crate::limits::{
+    CONNECTION_BACKLOG_MAX, CONNECTION_INFLIGHT_MAX, HANDSHAKE_TIMEOUT_MS,
+    IDLE_TIMEOUT_INTERVAL_TENTHS, SHARD_CONNECTIONS_MAX, SHARD_UNAUTHENTICATED_MAX,
+    SYNC_PAGE_BYTES_MAX, SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS, TIMER_TICK_MS,
+};
+use crate::protocol::{EntryRef, ErrorCode, LoginOk, SyncPageRef};
+use crate::routing::Directory;
+use crate::session::{Conn, Credential, Identity, Request, SessionConfig};
+use crate::storage::{Delivery, OpResult, Origin, Store, WriteOp, WriterHandle};
+
+use mailbox::{Mailbox, ShardMsg};
+use timer_wheel::TimerWheel;
+
+/// Everything a shard shares with the rest of the node.
+#[derive(Clone)]
+pub struct ShardContext {
+    pub store: Store,
+    pub writer: WriterHandle,
+    pub directory: Arc<Directory>,
+    pub mailboxes: Arc<[Mailbox]>,
+    pub token_key: Arc<TokenKey>,
+    pub session: SessionConfig,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Counters for stats and tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardStats {
+    pub connections: usize,
+    pub unauthenticated: usize,
+    pub logins: u64,
+    pub timeouts: u64,
+    pub kicks: u64,
+    pub backlog_overflows: u64,
+}
+
+struct Slot {
+    generation: u32,
+    conn: Option<Conn>,
+}
+
+pub struct Shard {
+    id: ShardId,
+    ctx: ShardContext,
+    slots: Vec<Slot>,
+    /// Established connections per user on this shard.
+    online: HashMap<UserId, Vec<ConnId>>,
+    wheel: TimerWheel,
+    /// Connections with output or a close pending, each once.
+    dirty: Vec<ConnId>,
+    epoch: Instant,
+    requests: Vec<Request>,
+    expired: Vec<ConnId>,
+    deliveries: Vec<Delivery>,
+    /// Kicks for other shards whose mailboxes were full; retried next turn.
+    kicks_pending: Vec<(ShardId, ConnId)>,
+    stats: ShardStats,
+}
+
+impl Shard {
+    pub fn new(id: ShardId, ctx: ShardContext) -> Shard {
+        let epoch = Instant::now();
+        Shard {
+            id,
+            ctx,
+            slots: Vec::new(),
+            online: HashMap::new(),
+            wheel: TimerWheel::new(TIMER_SLOTS, TIMER_TICK_MS, 0),
+            dirty: Vec::new(),
+            epoch,
+            requests: Vec::new(),
+            expired: Vec::new(),
+            deliveries: Vec::new(),
+            kicks_pending: Vec::new(),
+            stats: ShardStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        self.stats
+    }
+
+    fn now_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn idle_timeout_ms(&self) -> u64 {
+        u64::from(self.ctx.session.heartbeat_interval_ms) * IDLE_TIMEOUT_INTERVAL_TENTHS / 10
+    }
+
+    fn conn_mut(&mut self, conn: ConnId) -> Option<&mut Conn> {
+        let slot = self.slots.get_mut(conn.index as usize)?;
+        if slot.generation != conn.generation {
+            return None;
+        }
+        slot.conn.as_mut()
+    }
+
+    fn mark_dirty(&mut self, conn: ConnId) {
+        // Linear scan is fine: the list holds the connections touched in one turn.
+        if !self.dirty.contains(&conn) {
+            self.dirty.push(conn);
+        }
+    }
+
+    /// When `conn` must next hear from its peer.
+    fn deadline_ms(&self, conn: &Conn) -> u64 {
+        if conn.is_authenticated() {
+            conn.last_rx_ms + self.idle_timeout_ms()
+        } else {
+            conn.opened_ms + HANDSHAKE_TIMEOUT_MS
+        }
+    }
+
+    /// Forgets `conn`: directory, online map, counters. The caller closes or has closed
+    /// the socket.
+    fn forget(&mut self, conn_id: ConnId) -> Option<Conn> {
+        let slot = self.slots.get_mut(conn_id.index as usize)?;
+        if slot.generation != conn_id.generation {
+            return None;
+        }
+        let conn = slot.conn.take()?;
+        self.stats.connections -= 1;
+        if let Some(identity) = conn.identity() {
+            self.ctx
+                .directory
+                .unregister(identity.user, self.id, conn_id);
+            if let Some(conns) = self.online.get_mut(&identity.user) {
+                conns.retain(|c| *c != conn_id);
+                if conns.is_empty() {
+                    self.online.remove(&identity.user);
+                }
+            }
+        } else {
+            self.stats.unauthenticated -= 1;
+        }
+        Some(conn)
+    }
+
+    fn handle_requests(&mut self, conn_id: ConnId, now_ms: u64) {
+        while !self.requests.is_empty() {
+            let requests = std::mem::take(&mut self.requests);
+            for request in requests {
+                self.handle_request(conn_id, request, now_ms);
+            }
+        }
+    }
+
+    fn handle_request(&mut self, conn_id: ConnId, request: Request, now_ms: u64) {
+        match request {
+            Request::Login {
+                request_id,
+                user,
+                device,
+                credential,
+            } => self.login(conn_id, request_id, user, device, credential, now_ms),
+            Request::Send {
+                request_id,
+                to,
+                client_msg_id,
+                text,
+            } => self.send(conn_id, request_id, to, client_msg_id, text, now_ms),
+            Request::Sync {
+                request_id,
+                after_seq,
+                limit,
+            } => self.sync(conn_id, request_id, after_seq, limit),
+            Request::DeviceAck { up_to_seq } => {
+                let Some(identity) = self.conn_mut(conn_id).and_then(|c| c.identity().cloned())
+                else {
+                    return;
+                };
+                // The cursor is advisory (the device keeps its own last seq), so a full writer
+                // queue drops this one; the next ack carries a higher seq anyway.
+                let _ = self.ctx.writer.try_submit(WriteOp::DeviceAck {
+                    user: identity.user,
+                    device: identity.device,
+                    up_to_seq,
+                });
+            }
+        }
+    }
+
+    fn login(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        user: String,
+        device: String,
+        credential: Credential,
+        now_ms: u64,
+    ) {
+        let wall_ms = wall_clock_ms();
+        let checked = (|| -> Result<(UserId, u64, u64), (ErrorCode, String)> {
+            let view = self.ctx.store.read().map_err(storage_failed)?;
+            let record = view
+                .user_by_name(&user)
+                .map_err(storage_failed)?
+                .ok_or((ErrorCode::AuthFailed, "wrong user or credential".to_owned()))?;
+            let valid = match &credential {
+                Credential::Password(password) => {
+                    auth::verify_password(password, &record.password_hash)
+                }
+                Credential::Token(token) => self
+                    .ctx
+                    .token_key
+                    .verify(token, wall_ms)
+                    .is_ok_and(|id| id == record.id),
+            };
+            if !valid {
+                return Err((ErrorCode::AuthFailed, "wrong user or credential".to_owned()));
+            }
+            let head = view.head_seq(record.id).map_err(storage_failed)?;
+            let acked = view
+                .device_acked_seq(record.id, &device)
+                .map_err(storage_failed)?;
+            Ok((record.id, head, acked))
+        })();
+        let (user_id, head_seq, acked_seq) = match checked {
+            Ok(found) => found,
+            Err((code, message)) => {
+                if let Some(conn) = self.conn_mut(conn_id) {
+                    conn.login_failed(request_id, code, &message);
+                }
+                self.mark_dirty(conn_id);
+                return;
+            }
+        };
+        // Register before answering, so every entry committed from now on is pushed; the
+        // client's sync after login covers everything before.
+        if let Some(old) = self
+            .ctx
+            .directory
+            .register(user_id, &device, self.id, conn_id)
+        {
+            self.kick(old.shard, old.conn);
+        }
+        let (token, token_expires_at_ms) = self.ctx.token_key.issue(user_id, wall_ms);
+        let ok = LoginOk {
+            user_id: user_id.0,
+            token,
+            token_expires_at_ms,
+            head_seq,
+            acked_seq,
+        };
+        let identity = Identity {
+            user: user_id,
+            name: user,
+            device,
+        };
+        let mut requests = std::mem::take(&mut self.requests);
+        let session = self.ctx.session.clone();
+        let Some(conn) = self.conn_mut(conn_id) else {
+            return;
+        };
+        conn.login_ok(request_id, identity, &ok, now_ms, &session, &mut requests);
+        self.requests = requests;
+        self.stats.unauthenticated -= 1;
+        self.stats.logins += 1;
+        self.online.entry(user_id).or_default().push(conn_id);
+        self.mark_dirty(conn_id);
+    }
+
+    fn kick(&mut self, shard: ShardId, conn: ConnId) {
+        self.stats.kicks += 1;
+        if shard == self.id {
+            if let Some(c) = self.conn_mut(conn) {
+                c.kick("another login replaced this device");
+                self.mark_dirty(conn);
+            }
+        } else if let Err(ShardMsg::Kick { conn }) =
+            self.ctx.mailboxes[shard.0 as usize].try_put(ShardMsg::Kick { conn })
+        {
+            self.kicks_pending.push((shard, conn));
+        } else {
+            self.ctx.mailboxes[shard.0 as usize].wake();
+        }
+    }
+
+    fn send(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        to: String,
+        client_msg_id: u64,
+        text: String,
+        _now_ms: u64,
+    ) {
+        let Some(conn) = self.conn_mut(conn_id) else {
+            return;
+        };
+        let Some(identity) = conn.identity().cloned() else {
+            return;
+        };
+        if conn.inflight >= CONNECTION_INFLIGHT_MAX {
+            conn.reply_error(request_id, ErrorCode::Busy, "too many sends in flight");
+            self.mark_dirty(conn_id);
+            return;
+        }
+        let recipient = self
+            .ctx
+            .store
+            .read()
+            .and_then(|view| view.user_by_name(&to));
+        let recipient = match recipient {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                let conn = self.conn_mut(conn_id).expect("looked up above");
+                conn.reply_error(request_id, ErrorCode::UnknownUser, "no such user");
+                self.mark_dirty(conn_id);
+                return;
+            }
+            Err(e) => {
+                let conn = self.conn_mut(conn_id).expect("looked up above");
+                conn.reply_error(request_id, ErrorCode::StorageFailed, &e.to_string());
+                self.mark_dirty(conn_id);
+                return;
+            }
+        };
+        let op = WriteOp::Send {
+            origin: Origin {
+                shard: self.id,
+                conn: conn_id,
+                request_id,
+            },
+            from: identity.user,
+            from_name: identity.name,
+            to: recipient.id,
+            to_name: recipient.name,
+            client_msg_id,
+            text,
+            sent_at_ms: wall_clock_ms(),
+        };
+        let submitted = self.ctx.writer.try_submit(op);
+        let conn = self.conn_mut(conn_id).expect("looked up above");
+        match submitted {
+            Ok(()) => conn.inflight += 1,
+            Err(_) => {
+                conn.reply_error(
+                    request_id,
+                    ErrorCode::Busy,
+                    "store queue full; resend later",
+                );
+                self.mark_dirty(conn_id);
+            }
+        }
+    }
+
+    fn sync(&mut self, conn_id: ConnId, request_id: u32, after_seq: u64, limit: u32) {
+        let store = self.ctx.store.clone();
+        let Some(conn) = self.conn_mut(conn_id) else {
+            return;
+        };
+        let Some(user) = conn.identity().map(|i| i.user) else {
+            return;
+        };
+        let limit = if limit == 0 {
+            SYNC_PAGE_ENTRIES_MAX
+        } else {
+            limit.min(SYNC_PAGE_ENTRIES_MAX)
+        };
+        let result = store.read().and_then(|view| {
+            let head_seq = view.head_seq(user)?;
+            let mut entries = Vec::new();
+            let has_more = view.timeline(
+                user,
+                after_seq,
+                limit,
+                SYNC_PAGE_BYTES_MAX,
+                |seq, message| {
+                    entries.push(EntryRef { seq, message });
+                },
+            )?;
+            // The entries borrow the map; encode them before the read transaction ends.
+            conn.reply_sync_page(
+                request_id,
+                &SyncPageRef {
+                    entries,
+                    head_seq,
+                    has_more,
+                },
+            );
+            Ok(())
+        });
+        if let Err(e) = result {
+            conn.reply_error(request_id, ErrorCode::StorageFailed, &e.to_string());
+        }
+        self.mark_dirty(conn_id);
+    }
+
+    fn handle_mail(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Result(result) => {
+                let (origin, outcome) = match result {
+                    OpResult::SendAcked { origin, ack } => (origin, Ok(ack)),
+                    OpResult::SendFailed { origin, code } => (origin, Err(code)),
+                };
+                let Some(conn) = self.conn_mut(origin.conn) else {
+                    return;
+                };
+                debug_assert!(conn.inflight > 0);
+                conn.inflight = conn.inflight.saturating_sub(1);
+                match outcome {
+                    Ok(ack) => conn.reply_send_ack(origin.request_id, &ack),
+                    Err(code) => {
+                        let message = match code {
+                            ErrorCode::StorageFull => {
+                                "the node's store is full; message not stored"
+                            }
+                            _ => "the store failed; message not stored",
+                        };
+                        conn.reply_error(origin.request_id, code, message);
+                    }
+                }
+                self.mark_dirty(origin.conn);
+            }
+            ShardMsg::Deliver(delivery) => self.deliveries.push(delivery),
+            ShardMsg::Kick { conn } => {
+                if let Some(c) = self.conn_mut(conn) {
+                    c.kick("another login replaced this device");
+                    self.mark_dirty(conn);
+                }
+            }
+        }
+    }
+
+    /// Pushes the deliveries gathered this turn, one push frame per connection per run of
+    /// entries for the same user.
+    fn push_deliveries(&mut self) {
+        let deliveries = std::mem::take(&mut self.deliveries);
+        let mut start = 0;
+        while start < deliveries.len() {
+            let user = deliveries[start].user;
+            let mut end = start + 1;
+            let mut bytes = deliveries[start].message.len();
+            while end < deliveries.len()
+                && deliveries[end].user == user
+                && bytes + deliveries[end].message.len() <= SYNC_PAGE_BYTES_MAX
+            {
+                bytes += deliveries[end].message.len();
+                end += 1;
+            }
+            let conns = self.online.get(&user).cloned().unwrap_or_default();
+            for conn_id in conns {
+                let Some(conn) = self.conn_mut(conn_id) else {
+                    continue;
+                };
+                let entries = deliveries[start..end]
+                    .iter()
+                    .map(|d| EntryRef {
+                        seq: d.seq,
+                        message: &d.message,
+                    })
+                    .collect();
+                conn.push(entries);
+                self.mark_dirty(conn_id);
+            }
+            start = end;
+        }
+        self.deliveries = deliveries;
+        self.deliveries.clear();
+    }
+}
+
+impl Handler for Shard {
+    fn accepted(&mut self, conn_id: ConnId, _peer: SocketAddr, now: Instant) -> bool {
+        if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX
+            || self.stats.connections >= SHARD_CONNECTIONS_MAX
+            || self.ctx.stop.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let index = conn_id.index as usize;
+        if self.slots.len() <= index {
+            self.slots.resize_with(index + 1, || Slot {
+                generation: 0,
+                conn: None,
+            });
+        }
+        let now_ms = self.now_ms(now);
+        let slot = &mut self.slots[index];
+        assert!(slot.conn.is_none(), "backend reused a live slot");
+        slot.generation = conn_id.generation;
+        slot.conn = Some(Conn::new(now_ms));
+        self.stats.connections += 1;
+        self.stats.unauthenticated += 1;
+        // One wheel entry per connection for its whole life. The first check comes no later
+        // than either deadline it can have: the handshake's, or the idle timeout of a login
+        // that completes at once. Later checks re-insert at the real deadline.
+        self.wheel.insert(
+            conn_id,
+            now_ms + HANDSHAKE_TIMEOUT_MS.min(self.idle_timeout_ms()),
+        );
+        true
+    }
+
+    fn received(&mut self, conn_id: ConnId, bytes: &[u8], now: Instant) {
+        let now_ms = self.now_ms(now);
+        let session = self.ctx.session.clone();
+        let mut requests = std::mem::take(&mut self.requests);
+        let Some(conn) = self.conn_mut(conn_id) else {
+            return;
+        };
+        conn.receive(bytes, now_ms, &session, &mut requests);
+        let has_output = !conn.output().is_empty() || conn.is_closing();
+        self.requests = requests;
+        self.handle_requests(conn_id, now_ms);
+        if has_output {
+            self.mark_dirty(conn_id);
+        }
+    }
+
+    fn closed(&mut self, conn_id: ConnId) {
+        self.forget(conn_id);
+    }
+
+    fn tick(&mut self, now: Instant) -> Option<Duration> {
+        let now_ms = self.now_ms(now);
+        for (shard, conn) in std::mem::take(&mut self.kicks_pending) {
+            self.kick(shard, conn);
+        }
+        let mailboxes = self.ctx.mailboxes.clone();
+        let mailbox = &mailboxes[self.id.0 as usize];
+        // Bounded: at most what was queued when the turn began, so a busy writer cannot
+        // keep this loop from its sockets.
+        for _ in 0..mailbox.len() {
+            let Some(msg) = mailbox.take() else { break };
+            self.handle_mail(msg);
+        }
+        self.push_deliveries();
+        let mut expired = std::mem::take(&mut self.expired);
+        self.wheel.advance(now_ms, &mut expired);
+        for conn_id in expired.drain(..) {
+            let Some(slot) = self.slots.get(conn_id.index as usize) else {
+                continue;
+            };
+            if slot.generation != conn_id.generation {
+                continue;
+            }
+            let Some(conn) = slot.conn.as_ref() else {
+                continue;
+            };
+            let deadline = self.deadline_ms(conn);
+            if deadline > now_ms {
+                self.wheel.insert(conn_id, deadline);
+                continue;
+            }
+            self.stats.timeouts += 1;
+            let conn = self.conn_mut(conn_id).expect("checked above");
+            let message = if conn.is_authenticated() {
+                "idle timeout"
+            } else {
+                "handshake timeout"
+            };
+            conn.fail(0, ErrorCode::Timeout, message);
+            self.mark_dirty(conn_id);
+        }
+        self.expired = expired;
+        if self.ctx.stop.load(Ordering::Relaxed) {
+            return Some(Duration::ZERO);
+        }
+        if !self.kicks_pending.is_empty() {
+            return Some(Duration::from_millis(1));
+        }
+        self.wheel.timeout_ms(now_ms).map(Duration::from_millis)
+    }
+
+    fn flush(&mut self, transmit: &mut dyn Transmit) {
+        let stopping = self.ctx.stop.load(Ordering::Relaxed);
+        if stopping {
+            // Stop accepting and close everything once; clients reconnect elsewhere or later.
+            for index in 0..self.slots.len() {
+                let slot = &mut self.slots[index];
+                let generation = slot.generation;
+                if let Some(conn) = slot.conn.as_mut() {
+                    conn.fail(0, ErrorCode::ShuttingDown, "node shutting down");
+                    let conn_id = ConnId {
+                        index: index as u32,
+                        generation,
+                    };
+                    self.mark_dirty(conn_id);
+                }
+            }
+        }
+        for conn_id in std::mem::take(&mut self.dirty) {
+            let Some(conn) = self.conn_mut(conn_id) else {
+                continue;
+            };
+            let closing = conn.is_closing();
+            let backlog = transmit.write(conn_id, conn.output());
+            if closing {
+                self.forget(conn_id);
+                transmit.close(conn_id);
+            } else if backlog > CONNECTION_BACKLOG_MAX {
+                // A reader this slow loses its pushes; it resyncs from its timeline.
+                self.stats.backlog_overflows += 1;
+                self.forget(conn_id);
+                transmit.close(conn_id);
+            }
+        }
+    }
+
+    fn should_stop(&self) -> bool {
+        self.ctx.stop.load(Ordering::Relaxed) && self.stats.connections == 0
+    }
+}
+
+fn storage_failed(e: crate::storage::StoreError) -> (ErrorCode, String) {
+    (ErrorCode::StorageFailed, e.to_string())
+}
+
+/// Wall-clock milliseconds since the Unix epoch, for message times and token expiry.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

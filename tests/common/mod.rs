@@ -1,0 +1,294 @@
+//! Helpers for end-to-end tests: real `tern` processes on loopback.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
+
+/// How long a node may take to print its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct TestNode {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    extra: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    /// Starts a node on a fresh data folder and a free loopback port.
+    pub fn start(extra: &[&str]) -> TestNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let mut node = TestNode {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            data,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: Some(dir),
+        };
+        node.spawn("127.0.0.1:0".parse().unwrap());
+        node
+    }
+
+    fn spawn(&mut self, listen: SocketAddr) {
+        let mut child = Command::new(TERN)
+            .arg("serve")
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .args(&self.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tern serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut reader = BufReader::new(stdout);
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the node never blocks on a full pipe.
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = rx
+            .recv_timeout(START_TIMEOUT)
+            .expect("node printed no ready line");
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"));
+        self.addr = addr
+            .parse()
+            .unwrap_or_else(|_| panic!("bad address in {line:?}"));
+        self.child = Some(child);
+    }
+
+    pub fn add_user(&self, name: &str, password: &str) {
+        add_user(&self.data, name, password);
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait; returns whether the node exited with status 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the node again on the same data folder and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the node first");
+        let addr = self.addr;
+        self.spawn(addr);
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn add_user(data: &Path, name: &str, password: &str) {
+    let out = Command::new(TERN)
+        .args(["user", "add", name, "--password", password, "--data"])
+        .arg(data)
+        .output()
+        .expect("run tern user add");
+    assert!(
+        out.status.success(),
+        "user add failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// A hand-driven connection for tests that need exact control over the bytes.
+pub struct RawConn {
+    pub stream: std::net::TcpStream,
+    reader: tern::protocol::FrameReader,
+    frames: std::collections::VecDeque<(tern::protocol::FrameHeader, Vec<u8>)>,
+    closed: bool,
+}
+
+impl RawConn {
+    pub fn connect(addr: SocketAddr) -> RawConn {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            reader: tern::protocol::FrameReader::new(),
+            frames: Default::default(),
+            closed: false,
+        }
+    }
+
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        // The node may have closed already; the test looks at what it read back.
+        let _ = self.stream.write_all(bytes);
+    }
+
+    pub fn send<T>(&mut self, kind: tern::protocol::Kind, request_id: u32, value: &T)
+    where
+        T: for<'a> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    Vec<u8>,
+                    rkyv::ser::allocator::ArenaHandle<'a>,
+                    rkyv::rancor::Failure,
+                >,
+            >,
+    {
+        let mut buf = Vec::new();
+        tern::protocol::encode(&mut buf, kind, request_id, value);
+        self.write_bytes(&buf);
+    }
+
+    /// Next frame, or None if the connection closed or nothing came within `timeout`.
+    pub fn read_frame(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<(tern::protocol::FrameHeader, Vec<u8>)> {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(frame) = self.frames.pop_front() {
+                return Some(frame);
+            }
+            if self.closed {
+                return None;
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut buf = [0u8; 65536];
+            match self.stream.read(&mut buf) {
+                Ok(0) => self.closed = true,
+                Ok(n) => {
+                    let frames = &mut self.frames;
+                    self.reader
+                        .feed(&buf[..n], |h, p| {
+                            frames.push_back((h, p.to_vec()));
+                            true
+                        })
+                        .expect("node sent a malformed frame");
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return None;
+                }
+                Err(_) => self.closed = true,
+            }
+        }
+    }
+
+    /// Reads until the node closes the connection; returns the frames seen on the way, or
+    /// None if it stayed open for `timeout`.
+    pub fn read_until_closed(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<Vec<(tern::protocol::FrameHeader, Vec<u8>)>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            match self.read_frame(deadline.saturating_duration_since(Instant::now())) {
+                Some(frame) => seen.push(frame),
+                None if self.closed => return Some(seen),
+                None => return None,
+            }
+        }
+    }
+
+    pub fn hello(&mut self) {
+        use tern::protocol::*;
+        self.send(
+            Kind::Hello,
+            1,
+            &Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client: "raw".into(),
+            },
+        );
+        let (h, _) = self
+            .read_frame(Duration::from_secs(10))
+            .expect("hello answer");
+        assert_eq!(h.kind, Kind::HelloOk);
+    }
+
+    pub fn login(&mut self, user: &str, password: &str, device: &str) -> tern::protocol::LoginOk {
+        use tern::protocol::*;
+        self.hello();
+        let login = Login {
+            user: user.into(),
+            device: device.into(),
+            credential: Credential::Password(password.into()),
+        };
+        self.send(Kind::Login, 2, &login);
+        let (h, p) = self
+            .read_frame(Duration::from_secs(10))
+            .expect("login answer");
+        assert_eq!(h.kind, Kind::LoginOk, "login refused");
+        let ok = access::<ArchivedLoginOk>(Kind::LoginOk, &p).unwrap();
+        rkyv::deserialize::<LoginOk, rkyv::rancor::Error>(ok).unwrap()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+}
+
+/// The error code carried by an Error frame's payload.
+pub fn error_code(payload: &[u8]) -> u16 {
+    use tern::protocol::*;
+    access::<ArchivedErrorBody>(Kind::Error, payload)
+        .expect("error body")
+        .code
+        .to_native()
+}

@@ -1,0 +1,90 @@
+//! Idle timeout, heartbeats and kicks on duplicate device login.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RawConn, TestNode, error_code};
+use tern::protocol::*;
+
+#[test]
+fn silent_client_is_closed_and_heartbeating_one_is_not() {
+    // 200 ms interval: the node closes connections silent for 500 ms.
+    let node = TestNode::start(&["--heartbeat-ms", "200", "--shards", "1"]);
+    node.add_user("alice", "pw");
+    let mut silent = RawConn::connect(node.addr);
+    silent.login("alice", "pw", "silent");
+    let mut beating = RawConn::connect(node.addr);
+    beating.login("alice", "pw", "beating");
+
+    let start = Instant::now();
+    let mut nonce = 0u64;
+    let mut silent_frames = None;
+    while start.elapsed() < Duration::from_secs(3) {
+        nonce += 1;
+        beating.send(Kind::Ping, nonce as u32, &Ping { nonce });
+        let (h, p) = beating.read_frame(Duration::from_secs(5)).expect("pong");
+        assert_eq!(h.kind, Kind::Pong);
+        assert_eq!(
+            access::<ArchivedPong>(Kind::Pong, &p)
+                .unwrap()
+                .nonce
+                .to_native(),
+            nonce
+        );
+        if silent_frames.is_none() {
+            silent_frames = silent.read_until_closed(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let frames = silent_frames.expect("the silent client was never closed");
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0.kind, Kind::Error);
+    assert_eq!(error_code(&frames[0].1), ErrorCode::Timeout as u16);
+    assert!(!beating.is_closed());
+    // 30 pings over 3 s kept it open well past six idle timeouts.
+    assert!(nonce >= 10);
+}
+
+#[test]
+fn connection_that_never_logs_in_is_closed_at_the_handshake_deadline() {
+    let node = TestNode::start(&["--shards", "1"]);
+    let mut idle = RawConn::connect(node.addr);
+    let frames = idle
+        .read_until_closed(Duration::from_millis(
+            tern::limits::HANDSHAKE_TIMEOUT_MS + 5_000,
+        ))
+        .expect("handshake deadline not enforced");
+    assert_eq!(frames.len(), 1);
+    assert_eq!(error_code(&frames[0].1), ErrorCode::Timeout as u16);
+}
+
+#[test]
+fn duplicate_device_login_kicks_the_older_connection() {
+    let node = TestNode::start(&["--shards", "2"]);
+    node.add_user("alice", "pw");
+    let mut first = RawConn::connect(node.addr);
+    first.login("alice", "pw", "phone");
+    let mut other_device = RawConn::connect(node.addr);
+    other_device.login("alice", "pw", "laptop");
+    let mut second = RawConn::connect(node.addr);
+    second.login("alice", "pw", "phone");
+
+    let frames = first
+        .read_until_closed(Duration::from_secs(10))
+        .expect("old connection not kicked");
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0.kind, Kind::Kicked);
+    let kicked = access::<ArchivedKicked>(Kind::Kicked, &frames[0].1).unwrap();
+    assert_eq!(
+        kicked.code.to_native(),
+        ErrorCode::ReplacedByNewLogin as u16
+    );
+
+    // The new login and the other device still work.
+    for conn in [&mut second, &mut other_device] {
+        conn.send(Kind::Ping, 9, &Ping { nonce: 9 });
+        let (h, _) = conn.read_frame(Duration::from_secs(5)).expect("pong");
+        assert_eq!(h.kind, Kind::Pong);
+    }
+}
