@@ -45,6 +45,25 @@ pub const SHARD_CONNECTIONS_MAX: usize = 1 << 20;
 /// half-open clients can cause.
 pub const SHARD_UNAUTHENTICATED_MAX: usize = 4096;
 
+/// io_uring provided-buffer ring, one per shard: how many receive buffers and how large.
+/// Every connection's multishot recv draws from this pool and gives the buffer back as
+/// soon as the shard has consumed the bytes, so an idle connection holds none. Cost:
+/// 256 × 4 KiB = 1 MiB of address space per shard, resident only once touched. When the
+/// pool runs dry a recv ends with ENOBUFS and is re-armed next turn (backpressure).
+pub const URING_RECV_BUFFERS: u16 = 256;
+pub const URING_RECV_BUFFER_SIZE: usize = 4096;
+
+/// How long an io_uring connection that the node closed may wait for its last output to
+/// drain and for the peer's FIN before its remaining operations are cancelled. Bounds the
+/// slots a vanished peer can hold after the node gave up on it.
+pub const CLOSE_LINGER_MS: u64 = 2_000;
+
+/// How long an io_uring loop whose last turn handled only heartbeats may wait for more
+/// completions before its next turn (kernel min-wait, Linux 6.12+): each wake-up then
+/// answers several pings. Message traffic never waits for it (its turns are not
+/// heartbeat-only); a message that arrives during such a window waits at most this long.
+pub const HEARTBEAT_COALESCE_US: u32 = 1_000;
+
 /// Time a new connection has to say hello and log in.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
@@ -84,4 +103,5 @@ const _: () = assert!(FRAME_HEADER_SIZE < FRAME_SIZE_MAX);
 const _: () = assert!(MESSAGE_TEXT_SIZE_MAX + 1024 < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
 const _: () = assert!(TIMER_SLOTS.is_power_of_two());
+const _: () = assert!(URING_RECV_BUFFERS.is_power_of_two() && URING_RECV_BUFFERS <= 1 << 15);
 const _: () = assert!(SHARDS_MAX <= u16::MAX as usize);

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use tern::io::IoKind;
+use tern::io::probe::{IoRequest, probe_uring, select};
 use tern::limits::HEARTBEAT_INTERVAL_MS_DEFAULT;
 use tern::node::{Node, NodeConfig, prepare_fd_table};
 use tern::storage::{Durability, Store, StoreConfig, StoreError};
@@ -45,6 +45,9 @@ enum Command {
         /// LMDB map size in MiB (default: 8192 on 64-bit, 768 on 32-bit).
         #[arg(long)]
         map_size_mib: Option<usize>,
+        /// Event loop: auto takes io_uring when the kernel allows it, else epoll.
+        #[arg(long, value_enum, default_value_t = IoArg::Auto)]
+        io: IoArg,
     },
     /// Manage users (works while the node runs).
     User {
@@ -93,6 +96,13 @@ enum UserCommand {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum IoArg {
+    Auto,
+    Epoll,
+    Uring,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DurabilityArg {
     /// fsync every group commit: an acknowledged message survives power loss.
     Fsync,
@@ -110,7 +120,16 @@ fn main() -> ExitCode {
             durability,
             heartbeat_ms,
             map_size_mib,
-        } => serve(data, listen, shards, durability, heartbeat_ms, map_size_mib),
+            io,
+        } => serve(
+            data,
+            listen,
+            shards,
+            durability,
+            heartbeat_ms,
+            map_size_mib,
+            io,
+        ),
         Command::User {
             command:
                 UserCommand::Add {
@@ -151,10 +170,18 @@ fn serve(
     durability: DurabilityArg,
     heartbeat_ms: u32,
     map_size_mib: Option<usize>,
+    io: IoArg,
 ) -> Result<(), String> {
     if heartbeat_ms < 10 {
         return Err("--heartbeat-ms must be at least 10".into());
     }
+    let request = match io {
+        IoArg::Auto => IoRequest::Auto,
+        IoArg::Epoll => IoRequest::Epoll,
+        IoArg::Uring => IoRequest::Uring,
+    };
+    let io = select(request, probe_uring)?;
+    eprintln!("{}", io.log_line);
     // Block the shutdown signals before any thread exists, so every thread inherits the
     // mask and only this thread's sigwait receives them.
     let signals = block_shutdown_signals();
@@ -170,7 +197,7 @@ fn serve(
             DurabilityArg::None => Durability::None,
         },
         heartbeat_interval_ms: heartbeat_ms,
-        io: IoKind::Epoll,
+        io: io.kind,
         map_size: map_size_mib.map(|mib| mib << 20),
     };
     let node = Node::start(&config).map_err(|e| e.to_string())?;
@@ -187,12 +214,42 @@ fn serve(
         fd_limit
     );
     let _ = std::io::stdout().flush();
-    let signal = wait_for_signal(&signals);
+    let signal = loop {
+        let signal = wait_for_signal(&signals);
+        if signal != libc::SIGUSR1 {
+            break signal;
+        }
+        print_stats(&node);
+    };
     eprintln!("tern: signal {signal}, shutting down");
     node.shutdown().map_err(|e| e.to_string())?;
     eprintln!("tern: stopped cleanly");
     Ok(())
 }
+
+/// SIGUSR1: one line of the io backends' counters on stdout, for operators and the churn
+/// test (which checks that every gauge returns to zero).
+fn print_stats(node: &Node) {
+    match node.backend_stats(STATS_TIMEOUT) {
+        Some(s) => println!(
+            "tern stats: io={} connections_open={} connections_closing={} accepted_total={} \
+             closed_total={} backlog_bytes={} write_buffers={} read_buffers_held={}",
+            node.io().name(),
+            s.connections_open,
+            s.connections_closing,
+            s.accepted_total,
+            s.closed_total,
+            s.backlog_bytes,
+            s.write_buffers,
+            s.read_buffers_held
+        ),
+        None => println!("tern stats: unavailable (a shard did not answer)"),
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// How long SIGUSR1 waits for every shard to publish its counters.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn block_shutdown_signals() -> libc::sigset_t {
     // SAFETY: sigset operations on a local, zero-initialised set.
@@ -201,6 +258,7 @@ fn block_shutdown_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

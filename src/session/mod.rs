@@ -128,15 +128,17 @@ impl Conn {
     }
 
     /// Feeds bytes from the peer. Requests for the shard are appended to `requests`.
+    /// Returns true when every frame completed by these bytes was a ping: heartbeat
+    /// traffic, whose answers the loop may batch with others for a moment.
     pub fn receive(
         &mut self,
         bytes: &[u8],
         now_ms: u64,
         config: &SessionConfig,
         requests: &mut Vec<Request>,
-    ) {
+    ) -> bool {
         if self.phase == Phase::Closing {
-            return;
+            return false;
         }
         self.last_rx_ms = now_ms;
         if self.phase == Phase::LoggingIn {
@@ -147,11 +149,12 @@ impl Conn {
                     ErrorCode::ProtocolViolation,
                     "too much data before login completed",
                 );
-                return;
+                return false;
             }
             self.held.extend_from_slice(bytes);
-            return;
+            return false;
         }
+        let mut only_pings = true;
         let Conn {
             phase,
             reader,
@@ -160,6 +163,7 @@ impl Conn {
             ..
         } = self;
         let result = reader.feed(bytes, |header, payload| {
+            only_pings &= header.kind == Kind::Ping;
             match handle_frame(phase, out, config, header, payload, requests) {
                 Ok(()) => {}
                 Err((request_id, code, message)) => {
@@ -176,12 +180,16 @@ impl Conn {
             *phase != Phase::Closing
         });
         match result {
-            Err(error) => self.fail(0, ErrorCode::MalformedFrame, &error.to_string()),
+            Err(error) => {
+                self.fail(0, ErrorCode::MalformedFrame, &error.to_string());
+                false
+            }
             Ok(consumed) if *phase == Phase::LoggingIn => {
                 // The reader stopped after the login frame; keep what followed it.
                 held.extend_from_slice(&bytes[consumed..]);
+                false
             }
-            Ok(_) => {}
+            Ok(_) => only_pings && *phase != Phase::Closing,
         }
     }
 

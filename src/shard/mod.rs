@@ -74,6 +74,8 @@ pub struct Shard {
     deliveries: Vec<Delivery>,
     /// Kicks for other shards whose mailboxes were full; retried next turn.
     kicks_pending: Vec<(ShardId, ConnId)>,
+    /// Something other than heartbeats was handled since `heartbeats_only` last asked.
+    urgent: bool,
     stats: ShardStats,
 }
 
@@ -92,6 +94,7 @@ impl Shard {
             expired: Vec::new(),
             deliveries: Vec::new(),
             kicks_pending: Vec::new(),
+            urgent: false,
             stats: ShardStats::default(),
         }
     }
@@ -521,8 +524,9 @@ impl Handler for Shard {
         let Some(conn) = self.conn_mut(conn_id) else {
             return;
         };
-        conn.receive(bytes, now_ms, &session, &mut requests);
+        let heartbeat = conn.receive(bytes, now_ms, &session, &mut requests);
         let has_output = !conn.output().is_empty() || conn.is_closing();
+        self.urgent |= !heartbeat;
         self.requests = requests;
         self.handle_requests(conn_id, now_ms);
         if has_output {
@@ -545,6 +549,7 @@ impl Handler for Shard {
         // keep this loop from its sockets.
         for _ in 0..mailbox.len() {
             let Some(msg) = mailbox.take() else { break };
+            self.urgent = true;
             self.handle_mail(msg);
         }
         self.push_deliveries();
@@ -566,6 +571,7 @@ impl Handler for Shard {
                 continue;
             }
             self.stats.timeouts += 1;
+            self.urgent = true;
             let conn = self.conn_mut(conn_id).expect("checked above");
             let message = if conn.is_authenticated() {
                 "idle timeout"
@@ -622,6 +628,13 @@ impl Handler for Shard {
 
     fn should_stop(&self) -> bool {
         self.ctx.stop.load(Ordering::Relaxed) && self.stats.connections == 0
+    }
+
+    fn heartbeats_only(&mut self) -> bool {
+        // Timeouts, kicks and closes count as urgent too: they are rare and must not wait.
+        let urgent = self.urgent || !self.kicks_pending.is_empty();
+        self.urgent = false;
+        !urgent
     }
 }
 
