@@ -107,10 +107,10 @@ fn churn_leaves_no_slots_buffers_or_backlog(io: Io) {
     });
     assert!(settled, "connections left behind: {stats:?}");
     assert_eq!(stats["accepted_total"], stats["closed_total"], "{stats:?}");
-    // Every connection that sent bytes was accepted (the silent and reset ones may have
-    // died in the accept queue): the churn really ran.
+    // Every connection but the reset ones (which may die in the accept queue) was
+    // accepted: the churn really ran.
     assert!(
-        stats["accepted_total"] >= (CONNECTIONS / 2) as u64,
+        stats["accepted_total"] >= (CONNECTIONS * 4 / 5) as u64,
         "{stats:?}"
     );
     assert_eq!(stats["backlog_bytes"], 0, "{stats:?}");

@@ -18,7 +18,15 @@ fn serve(io: &str, disable_uring: bool) -> (Child, String, String, tempfile::Tem
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(TERN);
     command
-        .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--io", io])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--io",
+            io,
+        ])
         .arg("--data")
         .arg(dir.path().join("data"))
         .env_remove(URING_DISABLE_ENV)

@@ -110,8 +110,7 @@ impl StatsCell {
 
     /// Called by the loop once per turn.
     pub fn publish_if_requested(&self, stats: impl FnOnce() -> BackendStats) {
-        if self.requested.load(Ordering::Relaxed) && self.requested.swap(false, Ordering::AcqRel)
-        {
+        if self.requested.load(Ordering::Relaxed) && self.requested.swap(false, Ordering::AcqRel) {
             *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = stats();
             self.published.fetch_add(1, Ordering::Release);
         }

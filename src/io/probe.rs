@@ -107,7 +107,10 @@ mod tests {
     fn auto_falls_back_to_epoll_when_the_probe_fails() {
         let selection = select(IoRequest::Auto, enosys).unwrap();
         assert_eq!(selection.kind, IoKind::Epoll);
-        assert_eq!(selection.log_line, "io: epoll (io_uring unavailable: ENOSYS)");
+        assert_eq!(
+            selection.log_line,
+            "io: epoll (io_uring unavailable: ENOSYS)"
+        );
     }
 
     #[test]

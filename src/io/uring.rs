@@ -289,8 +289,9 @@ fn build_ring() -> io::Result<IoUring> {
 /// piece (an errno name such as "ENOSYS", or the feature).
 pub fn probe() -> Result<(), String> {
     let ring = build_ring().map_err(|e| match e.raw_os_error() {
-        Some(libc::EINVAL) => "EINVAL on ring set-up (SINGLE_ISSUER/DEFER_TASKRUN need Linux 6.1)"
-            .to_owned(),
+        Some(libc::EINVAL) => {
+            "EINVAL on ring set-up (SINGLE_ISSUER/DEFER_TASKRUN need Linux 6.1)".to_owned()
+        }
         _ => errno_name(&e),
     })?;
     let params = ring.params();
@@ -313,7 +314,10 @@ pub fn probe() -> Result<(), String> {
         // Multishot accept and recv reuse the ACCEPT and RECV opcodes, so the probe cannot
         // see them; SEND_ZC came in the same release as multishot recv (6.0), after
         // multishot accept (5.19).
-        (opcode::SendZc::CODE, "SEND_ZC (marks Linux 6.0 multishot recv)"),
+        (
+            opcode::SendZc::CODE,
+            "SEND_ZC (marks Linux 6.0 multishot recv)",
+        ),
     ];
     for (code, name) in needed {
         if !probe.is_supported(code) {
@@ -423,7 +427,9 @@ impl UringBackend {
 
     fn conn_at(&self, index: u32, generation: u32) -> Option<ConnId> {
         let slot = self.slots.get(index as usize)?;
-        if slot.phase == Phase::Free || u64::from(slot.generation) & GENERATION_MASK != u64::from(generation) {
+        if slot.phase == Phase::Free
+            || u64::from(slot.generation) & GENERATION_MASK != u64::from(generation)
+        {
             return None;
         }
         Some(ConnId {
@@ -1012,6 +1018,10 @@ mod tests {
     fn an_idle_slot_is_small() {
         // The per-connection cost of this backend; see the heartbeat cost figures in
         // docs/architecture.md before letting it grow.
-        assert!(std::mem::size_of::<Slot>() <= 24, "{}", std::mem::size_of::<Slot>());
+        assert!(
+            std::mem::size_of::<Slot>() <= 24,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
     }
 }

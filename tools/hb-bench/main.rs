@@ -354,7 +354,10 @@ fn main() {
             bench.connect(args.server, i, login).expect("connect");
         }
         bench.turn(&mut events, Duration::from_millis(10));
-        assert!(bench.closed == 0, "the node closed connections during ramp-up");
+        assert!(
+            bench.closed == 0,
+            "the node closed connections during ramp-up"
+        );
         assert!(
             ramp_start.elapsed() < Duration::from_secs(300),
             "ramp-up took over 5 minutes"
@@ -449,8 +452,7 @@ fn main() {
             }
             bench.turn(&mut events, Duration::from_millis(1));
             for &s in &senders {
-                while bench.clients[s].sent_at.len() < args.inflight && !bench.clients[s].closed
-                {
+                while bench.clients[s].sent_at.len() < args.inflight && !bench.clients[s].closed {
                     bench.send_message(s);
                 }
             }
