@@ -743,8 +743,13 @@ impl UringBackend {
             match phase {
                 Phase::Open => handler.received(conn, self.buffers.bytes(bid, len), self.now),
                 Phase::Closing => {
+                    let before = slot.drained;
                     slot.drained = slot.drained.saturating_add(len as u32);
-                    if slot.drained > CLOSE_DRAIN_BYTES_MAX && more {
+                    // Cancel once, when the drain budget runs out.
+                    if before <= CLOSE_DRAIN_BYTES_MAX
+                        && slot.drained > CLOSE_DRAIN_BYTES_MAX
+                        && more
+                    {
                         self.cancel(user_data(Op::Recv, conn))?;
                     }
                 }
@@ -813,11 +818,12 @@ impl UringBackend {
         }
         out.sent += res as usize;
         debug_assert!(out.sent <= out.sending.len());
-        if out.sent < out.sending.len() {
+        // A connection closed without grace sends nothing more.
+        let keep_going = slot.phase == Phase::Open || slot.shut_wr_pending;
+        if keep_going && out.sent < out.sending.len() {
             // Short write: the socket buffer filled up; the rest goes when it drains.
             return self.submit_send(conn);
         }
-        let keep_going = slot.phase == Phase::Open || slot.shut_wr_pending;
         if keep_going && !out.queued.is_empty() {
             std::mem::swap(&mut out.sending, &mut out.queued);
             out.queued.clear();
