@@ -308,8 +308,27 @@ fn sigterm_stops_the_node_cleanly_and_restart_keeps_every_message() {
     assert_eq!(got[25].text, "after restart");
 }
 
-fn tern(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(TERN).args(args).output().expect("run tern");
+/// Runs `tern COMMAND --server S --user U --password P REST…`; returns (success, stdout, stderr).
+fn tern(
+    command: &str,
+    node: &TestNode,
+    user: &str,
+    password: &str,
+    rest: &[&str],
+) -> (bool, String, String) {
+    let out = Command::new(TERN)
+        .arg(command)
+        .args([
+            "--server",
+            &node.addr.to_string(),
+            "--user",
+            user,
+            "--password",
+            password,
+        ])
+        .args(rest)
+        .output()
+        .expect("run tern");
     (
         out.status.success(),
         String::from_utf8(out.stdout).unwrap(),
@@ -322,36 +341,16 @@ fn cli_send_and_sync_print_json() {
     let node = TestNode::start(&["--shards", "1"]);
     node.add_user("alice", "pw");
     node.add_user("bob", "pw");
-    let server = node.addr.to_string();
     let mut msg_ids = Vec::new();
     for text in ["first", "second \"quoted\" ünïcode"] {
-        let (ok, out, err) = tern(&[
-            "send",
-            "--server",
-            &server,
-            "--user",
-            "alice",
-            "--password",
-            "pw",
-            "--to",
-            "bob",
-            text,
-        ]);
+        let (ok, out, err) = tern("send", &node, "alice", "pw", &["--to", "bob", text]);
         assert!(ok, "tern send failed: {err}");
         let ack: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
         assert!(ack["msg_id"].as_u64().is_some());
         msg_ids.push(ack["msg_id"].as_u64().unwrap());
         assert_eq!(ack["seq"].as_u64(), Some(msg_ids.len() as u64));
     }
-    let (ok, out, err) = tern(&[
-        "sync",
-        "--server",
-        &server,
-        "--user",
-        "bob",
-        "--password",
-        "pw",
-    ]);
+    let (ok, out, err) = tern("sync", &node, "bob", "pw", &[]);
     assert!(ok, "tern sync failed: {err}");
     let lines: Vec<serde_json::Value> = out
         .lines()
@@ -367,47 +366,15 @@ fn cli_send_and_sync_print_json() {
             (Some("alice"), Some("bob"))
         );
     }
-    let (ok, out, _) = tern(&[
-        "sync",
-        "--server",
-        &server,
-        "--user",
-        "bob",
-        "--password",
-        "pw",
-        "--after",
-        "1",
-    ]);
+    let (ok, out, _) = tern("sync", &node, "bob", "pw", &["--after", "1"]);
     assert!(ok);
     assert_eq!(out.lines().count(), 1);
 
     // Errors are one clear line and a non-zero exit, not a hang.
-    let (ok, _, err) = tern(&[
-        "send",
-        "--server",
-        &server,
-        "--user",
-        "alice",
-        "--password",
-        "wrong",
-        "--to",
-        "bob",
-        "x",
-    ]);
+    let (ok, _, err) = tern("send", &node, "alice", "wrong", &["--to", "bob", "x"]);
     assert!(!ok);
     assert!(err.contains("tern:"), "{err}");
-    let (ok, _, err) = tern(&[
-        "send",
-        "--server",
-        &server,
-        "--user",
-        "alice",
-        "--password",
-        "pw",
-        "--to",
-        "nobody",
-        "x",
-    ]);
+    let (ok, _, err) = tern("send", &node, "alice", "pw", &["--to", "nobody", "x"]);
     assert!(!ok);
     assert!(err.to_lowercase().contains("user"), "{err}");
 }
