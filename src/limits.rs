@@ -25,8 +25,14 @@ pub const ERROR_MESSAGE_SIZE_MAX: usize = 256;
 /// Most timeline entries in one sync page (also what `limit = 0` asks for). Entries of the
 /// largest text would not fit 256 to a frame, so a page also stops at `SYNC_PAGE_BYTES_MAX`.
 pub const SYNC_PAGE_ENTRIES_MAX: u32 = 256;
-/// Byte budget of the entries in one sync page or one push frame.
-pub const SYNC_PAGE_BYTES_MAX: usize = FRAME_SIZE_MAX - 1024;
+/// Archive bytes of one timeline entry besides its message: seq (u64) plus the message's
+/// relative pointer and length (2 × u32), unaligned.
+pub const ENTRY_ENVELOPE_SIZE: usize = 16;
+/// Byte budget of the messages in one sync page or one push frame. Leaves room for the
+/// envelopes of `SYNC_PAGE_ENTRIES_MAX` entries and 1 KiB of header and page fields, so a
+/// full page of small messages still fits in `FRAME_SIZE_MAX`.
+pub const SYNC_PAGE_BYTES_MAX: usize =
+    FRAME_SIZE_MAX - 1024 - SYNC_PAGE_ENTRIES_MAX as usize * ENTRY_ENVELOPE_SIZE;
 
 /// Per-connection write backlog (bytes queued but not yet taken by the kernel). A connection
 /// over it is closed; its device resyncs from the timeline on reconnect. 256 KiB × 10k
@@ -105,3 +111,35 @@ const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
 const _: () = assert!(TIMER_SLOTS.is_power_of_two());
 const _: () = assert!(URING_RECV_BUFFERS.is_power_of_two() && URING_RECV_BUFFERS <= 1 << 15);
 const _: () = assert!(SHARDS_MAX <= u16::MAX as usize);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{EntryRef, Kind, PushRef, SyncPageRef, encode};
+
+    /// Regression: a burst of small messages to one user made a push frame larger than
+    /// `FRAME_SIZE_MAX`, and the encoder's assertion took the node down.
+    #[test]
+    fn a_full_page_of_small_messages_fits_in_one_frame() {
+        let per_entry = SYNC_PAGE_BYTES_MAX / SYNC_PAGE_ENTRIES_MAX as usize;
+        let message = vec![7u8; per_entry];
+        let entries = || {
+            (0..u64::from(SYNC_PAGE_ENTRIES_MAX))
+                .map(|seq| EntryRef {
+                    seq,
+                    message: &message,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::new();
+        let size = encode(&mut out, Kind::Push, 0, &PushRef { entries: entries() });
+        assert!(size <= FRAME_SIZE_MAX);
+        let page = SyncPageRef {
+            entries: entries(),
+            head_seq: u64::MAX,
+            has_more: true,
+        };
+        out.clear();
+        assert!(encode(&mut out, Kind::SyncPage, 1, &page) <= FRAME_SIZE_MAX);
+    }
+}

@@ -458,6 +458,7 @@ impl Shard {
             let mut bytes = deliveries[start].message.len();
             while end < deliveries.len()
                 && deliveries[end].user == user
+                && end - start < SYNC_PAGE_ENTRIES_MAX as usize
                 && bytes + deliveries[end].message.len() <= SYNC_PAGE_BYTES_MAX
             {
                 bytes += deliveries[end].message.len();
