@@ -67,8 +67,12 @@ pub const CLOSE_LINGER_MS: u64 = 2_000;
 /// How long an io_uring loop whose last turn handled only heartbeats may wait for more
 /// completions before its next turn (kernel min-wait, Linux 6.12+): each wake-up then
 /// answers several pings. Message traffic never waits for it (its turns are not
-/// heartbeat-only); a message that arrives during such a window waits at most this long.
+/// heartbeat-only); a message that arrives after a quiet spell, during such a window, waits
+/// at most this long.
 pub const HEARTBEAT_COALESCE_US: u32 = 1_000;
+/// Coalescing starts only after this long without message traffic on the shard, so a
+/// conversation in progress never meets a stretched wait.
+pub const HEARTBEAT_COALESCE_QUIET_MS: u64 = 100;
 
 /// Time a new connection has to say hello and log in.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;

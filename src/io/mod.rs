@@ -37,10 +37,11 @@ pub trait Handler {
     fn flush(&mut self, transmit: &mut dyn Transmit);
     /// True once the shard wants its loop to end.
     fn should_stop(&self) -> bool;
-    /// True when everything handled since the last call was heartbeat traffic (pings in,
-    /// pongs out), so the backend may let its next wait gather more completions for a
-    /// bounded moment (`limits::HEARTBEAT_COALESCE_US`) before it runs a turn. Message
-    /// traffic (requests, store completions, pushes) makes it false. Resets on each call.
+    /// True when the work since the last call was heartbeats (pings in, pongs out) and
+    /// the shard has seen no message traffic for a while, so the backend may let its next
+    /// wait gather more completions for a bounded moment (`limits::HEARTBEAT_COALESCE_US`)
+    /// before it runs a turn. Message traffic (requests, store completions, pushes) makes
+    /// it false. Resets on each call.
     fn heartbeats_only(&mut self) -> bool {
         false
     }

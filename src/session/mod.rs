@@ -128,8 +128,8 @@ impl Conn {
     }
 
     /// Feeds bytes from the peer. Requests for the shard are appended to `requests`.
-    /// Returns true when every frame completed by these bytes was a ping: heartbeat
-    /// traffic, whose answers the loop may batch with others for a moment.
+    /// Returns true when these bytes completed at least one frame and every one was a
+    /// ping: heartbeat traffic, which the loop may batch with others for a moment.
     pub fn receive(
         &mut self,
         bytes: &[u8],
@@ -155,6 +155,7 @@ impl Conn {
             return false;
         }
         let mut only_pings = true;
+        let mut frames = 0u32;
         let Conn {
             phase,
             reader,
@@ -164,6 +165,7 @@ impl Conn {
         } = self;
         let result = reader.feed(bytes, |header, payload| {
             only_pings &= header.kind == Kind::Ping;
+            frames += 1;
             match handle_frame(phase, out, config, header, payload, requests) {
                 Ok(()) => {}
                 Err((request_id, code, message)) => {
@@ -189,7 +191,7 @@ impl Conn {
                 held.extend_from_slice(&bytes[consumed..]);
                 false
             }
-            Ok(_) => only_pings && *phase != Phase::Closing,
+            Ok(_) => frames > 0 && only_pings && *phase != Phase::Closing,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::ids::{ConnId, ShardId, UserId};
 use crate::io::{Handler, Transmit};
 use crate::limits::{
     CONNECTION_BACKLOG_MAX, CONNECTION_INFLIGHT_MAX, HANDSHAKE_TIMEOUT_MS,
+    HEARTBEAT_COALESCE_QUIET_MS,
     IDLE_TIMEOUT_INTERVAL_TENTHS, SHARD_CONNECTIONS_MAX, SHARD_UNAUTHENTICATED_MAX,
     SYNC_PAGE_BYTES_MAX, SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS, TIMER_TICK_MS,
 };
@@ -76,6 +77,12 @@ pub struct Shard {
     kicks_pending: Vec<(ShardId, ConnId)>,
     /// Something other than heartbeats was handled since `heartbeats_only` last asked.
     urgent: bool,
+    /// A ping was answered since `heartbeats_only` last asked.
+    pinged: bool,
+    /// Monotonic ms of the last urgent work; heartbeat coalescing waits for a quiet spell.
+    last_urgent_ms: u64,
+    /// Monotonic ms of the latest event this shard saw.
+    now_ms: u64,
     stats: ShardStats,
 }
 
@@ -95,6 +102,9 @@ impl Shard {
             deliveries: Vec::new(),
             kicks_pending: Vec::new(),
             urgent: false,
+            pinged: false,
+            last_urgent_ms: 0,
+            now_ms: 0,
             stats: ShardStats::default(),
         }
     }
@@ -527,7 +537,12 @@ impl Handler for Shard {
         };
         let heartbeat = conn.receive(bytes, now_ms, &session, &mut requests);
         let has_output = !conn.output().is_empty() || conn.is_closing();
-        self.urgent |= !heartbeat;
+        self.now_ms = now_ms;
+        if heartbeat {
+            self.pinged = true;
+        } else {
+            self.urgent = true;
+        }
         self.requests = requests;
         self.handle_requests(conn_id, now_ms);
         if has_output {
@@ -541,6 +556,7 @@ impl Handler for Shard {
 
     fn tick(&mut self, now: Instant) -> Option<Duration> {
         let now_ms = self.now_ms(now);
+        self.now_ms = now_ms;
         for (shard, conn) in std::mem::take(&mut self.kicks_pending) {
             self.kick(shard, conn);
         }
@@ -632,10 +648,17 @@ impl Handler for Shard {
     }
 
     fn heartbeats_only(&mut self) -> bool {
-        // Timeouts, kicks and closes count as urgent too: they are rare and must not wait.
-        let urgent = self.urgent || !self.kicks_pending.is_empty();
+        // Timeouts and kicks count as urgent too: they are rare and must not wait.
+        if self.urgent || !self.kicks_pending.is_empty() {
+            self.last_urgent_ms = self.now_ms;
+        }
+        // Coalesce only in a quiet spell of pure heartbeats: while messages flow, no wait
+        // is stretched.
+        let coalesce = self.pinged
+            && self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS;
         self.urgent = false;
-        !urgent
+        self.pinged = false;
+        coalesce
     }
 }
 

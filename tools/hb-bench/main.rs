@@ -28,6 +28,7 @@ struct Args {
     senders: usize,
     inflight: usize,
     msg_s: u64,
+    idle_s: u64,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +43,7 @@ fn parse_args() -> Args {
         senders: 8,
         inflight: 8,
         msg_s: 10,
+        idle_s: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,6 +59,7 @@ fn parse_args() -> Args {
             "--senders" => args.senders = value.parse().expect("--senders"),
             "--inflight" => args.inflight = value.parse().expect("--inflight"),
             "--msg-s" => args.msg_s = value.parse().expect("--msg-s"),
+            "--idle-s" => args.idle_s = value.parse().expect("--idle-s"),
             _ => panic!("unknown flag {flag}"),
         }
     }
@@ -78,6 +81,23 @@ fn proc_sample(pid: u32) -> (u64, u64) {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmRSS");
     (ticks, rss_kib)
+}
+
+/// CPU time of every thread of `pid` in ns from the scheduler (/proc/PID/task/*/schedstat):
+/// exact, where utime+stime are sampled at clock ticks.
+fn sched_ns(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read tasks") {
+        let path = task.unwrap().path().join("schedstat");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
 }
 
 fn ticks_per_s() -> u64 {
@@ -369,13 +389,24 @@ fn main() {
     while settle.elapsed() < Duration::from_secs(2) {
         bench.turn(&mut events, Duration::from_millis(50));
     }
-    let (ticks_idle_start, rss_idle_kib) = proc_sample(args.pid);
+    let (_, rss_idle_kib) = proc_sample(args.pid);
+    // Baseline: what the node spends with every connection silent (timers, wake-ups).
+    let (idle_ticks_start, _) = proc_sample(args.pid);
+    let idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(args.idle_s) {
+        bench.turn(&mut events, Duration::from_millis(50));
+    }
+    let idle_s = idle.elapsed().as_secs_f64();
+    let (idle_ticks_end, _) = proc_sample(args.pid);
+    let idle_cpu_us_per_s =
+        ((idle_ticks_end - idle_ticks_start) * 1_000_000 / ticks_per_s()) as f64 / idle_s;
 
     // Heartbeats with evenly spread phases: connection i pings at i/N of each interval.
     let interval = Duration::from_millis(args.interval_ms);
     let beat_start = Instant::now();
     let beat_end = beat_start + Duration::from_secs(args.beat_s);
     let (ticks_start, _) = proc_sample(args.pid);
+    let sched_start = sched_ns(args.pid);
     let pongs_start = bench.pongs;
     let mut pinged = 0u64;
     let ping = frame(Kind::Ping, 3, &Ping { nonce: 1 });
@@ -395,9 +426,11 @@ fn main() {
         bench.turn(&mut events, Duration::from_millis(10));
     }
     let (ticks_end, rss_end_kib) = proc_sample(args.pid);
+    let sched_us = (sched_ns(args.pid) - sched_start) / 1000;
+    let beat_elapsed_s = beat_start.elapsed().as_secs_f64();
     let pongs = bench.pongs - pongs_start;
+    let beat_pings = pinged;
     let cpu_us = (ticks_end - ticks_start) * 1_000_000 / ticks_per_s();
-    let _ = ticks_idle_start;
 
     // Messages: closed loop, `inflight` per sender, to one recipient device.
     let mut msg_report = serde_json::Value::Null;
@@ -442,6 +475,7 @@ fn main() {
         let acks_start = bench.acks;
         let msg_start = Instant::now();
         let (msg_ticks_start, _) = proc_sample(args.pid);
+        let msg_sched_start = sched_ns(args.pid);
         while msg_start.elapsed() < Duration::from_secs(args.msg_s) {
             let elapsed = beat_start.elapsed().as_secs_f64();
             let due = (elapsed / interval.as_secs_f64() * args.conns as f64) as u64;
@@ -459,6 +493,7 @@ fn main() {
         }
         let msg_elapsed = msg_start.elapsed().as_secs_f64();
         let (msg_ticks_end, _) = proc_sample(args.pid);
+        let msg_sched_us = (sched_ns(args.pid) - msg_sched_start) / 1000;
         let acked = bench.acks - acks_start;
         let mut lat = std::mem::take(&mut bench.latencies_us);
         lat.sort_unstable();
@@ -470,6 +505,7 @@ fn main() {
             "acked_per_s": (acked as f64 / msg_elapsed).round(),
             "latency_us_p50": percentile(&lat, 0.50),
             "latency_us_p99": percentile(&lat, 0.99),
+            "server_sched_us_per_msg": msg_sched_us as f64 / acked.max(1) as f64,
             "server_cpu_us_per_msg": ((msg_ticks_end - msg_ticks_start) * 1_000_000 / ticks_per_s()) as f64 / acked.max(1) as f64,
         });
     }
@@ -482,11 +518,14 @@ fn main() {
         "rss_end_kib": rss_end_kib,
         "rss_bytes_per_conn": ((rss_idle_kib.saturating_sub(rss_before_kib)) * 1024) as f64 / args.conns as f64,
         "heartbeat_s": args.beat_s,
-        "pings": pinged,
+        "idle_s": idle_s,
+        "idle_server_cpu_us_per_s": idle_cpu_us_per_s,
+        "pings": beat_pings,
         "pongs": pongs,
         "server_cpu_ms": cpu_us as f64 / 1000.0,
         "server_cpu_us_per_heartbeat": cpu_us as f64 / pongs.max(1) as f64,
-        "server_cpu_ms_per_1000_heartbeats": cpu_us as f64 / pongs.max(1) as f64,
+        "server_sched_us_per_heartbeat": sched_us as f64 / pongs.max(1) as f64,
+        "server_cpu_us_per_heartbeat_net_of_idle": (cpu_us as f64 - idle_cpu_us_per_s * beat_elapsed_s) / pongs.max(1) as f64,
         "closed_by_node": bench.closed,
         "messages": msg_report,
     });
