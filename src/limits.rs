@@ -64,12 +64,12 @@ pub const URING_RECV_BUFFER_SIZE: usize = 4096;
 /// slots a vanished peer can hold after the node gave up on it.
 pub const CLOSE_LINGER_MS: u64 = 2_000;
 
-/// How long an io_uring loop whose last turn handled only heartbeats may wait for more
-/// completions before its next turn (kernel min-wait, Linux 6.12+): each wake-up then
-/// answers several pings. Message traffic never waits for it (its turns are not
-/// heartbeat-only); a message that arrives after a quiet spell, during such a window, waits
-/// at most this long.
-pub const HEARTBEAT_COALESCE_US: u32 = 1_000;
+/// After a turn that only answered heartbeats, the io_uring loop's next wait ends for new
+/// input but not for the completions of those answers (they complete inside the enter
+/// that submits them), so a heartbeat costs one enter, not two. A send that does not
+/// complete at once ends such a wait after this long at the latest. Message traffic never
+/// waits for it: its turns are not heartbeat-only.
+pub const HEARTBEAT_COALESCE_US: u32 = 2_000;
 /// Coalescing starts only after this long without message traffic on the shard, so a
 /// conversation in progress never meets a stretched wait.
 pub const HEARTBEAT_COALESCE_QUIET_MS: u64 = 100;

@@ -46,9 +46,6 @@ const OUTPUT_KEEP_BYTES_MAX: usize = 64 * 1024;
 /// Completions handled at exit, waiting for the listener's and the wake-up's cancellation.
 const EXIT_WAIT_MS: u64 = 1_000;
 
-/// Completions a coalescing wait gathers before it returns early.
-const COALESCE_COMPLETIONS: usize = 64;
-
 /// Bits of a slot's generation carried in `user_data` beside the op and the slot index.
 const GENERATION_BITS: u32 = 24;
 const GENERATION_MASK: u64 = (1 << GENERATION_BITS) - 1;
@@ -357,9 +354,8 @@ pub struct UringBackend {
     accept_armed: bool,
     accept_retry_at: Option<Instant>,
     wake_armed: bool,
-    /// The kernel supports a minimum wait (IORING_FEAT_MIN_TIMEOUT, 6.12): heartbeat
-    /// coalescing is on. Without it every completion wakes the loop at once.
-    min_wait: bool,
+    /// Sends queued since the last enter. Small sends complete inside that enter.
+    sends_queued: usize,
     now: Instant,
     stats: BackendStats,
     stats_cell: Arc<StatsCell>,
@@ -375,7 +371,6 @@ impl UringBackend {
     pub fn new(listener: TcpListener, stats_cell: Arc<StatsCell>) -> io::Result<UringBackend> {
         listener.set_nonblocking(true)?;
         let ring = build_ring()?;
-        let min_wait = ring.params().is_feature_min_timeout();
         let buffers = BufRing::new()?;
         buffers.register(&ring)?;
         // SAFETY: eventfd returns a new descriptor or -1.
@@ -402,7 +397,7 @@ impl UringBackend {
             accept_armed: false,
             accept_retry_at: None,
             wake_armed: false,
-            min_wait,
+            sends_queued: 0,
             now: Instant::now(),
             stats: BackendStats::default(),
             stats_cell,
@@ -418,7 +413,7 @@ impl UringBackend {
                 return Ok(());
             }
             match self.ring.submit() {
-                Ok(_) => {}
+                Ok(_) => self.sends_queued = 0,
                 Err(e) if retryable(&e) => {}
                 Err(e) => return Err(e),
             }
@@ -465,7 +460,9 @@ impl UringBackend {
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(user_data(Op::Send, conn));
-        self.push(&entry)
+        self.push(&entry)?;
+        self.sends_queued += 1;
+        Ok(())
     }
 
     fn cancel(&mut self, target: u64) -> io::Result<()> {
@@ -590,25 +587,28 @@ impl UringBackend {
     }
 
     /// One enter: submits everything queued and waits for a completion or `timeout`.
-    /// With `coalesce` (the last turn was heartbeats only) it waits up to
-    /// `HEARTBEAT_COALESCE_US` for a batch of completions before it settles for one.
+    /// With `coalesce` (the last turn only answered heartbeats) the wait does not end for
+    /// the completions of the sends it submits (small sends complete inside the enter),
+    /// only for new input, so each heartbeat costs one enter instead of two; a send that
+    /// does not complete at once ends the wait after `HEARTBEAT_COALESCE_US` at the latest.
     fn submit_and_wait(&mut self, timeout: Option<Duration>, coalesce: bool) -> io::Result<()> {
-        let submitter = self.ring.submitter();
-        let (want, args) = if coalesce && self.min_wait {
+        let (want, timeout) = if coalesce && self.sends_queued > 0 {
+            let window = Duration::from_micros(u64::from(HEARTBEAT_COALESCE_US));
             (
-                COALESCE_COMPLETIONS,
-                SubmitArgs::new().min_wait_usec(HEARTBEAT_COALESCE_US),
+                1 + self.sends_queued,
+                Some(timeout.map_or(window, |t| t.min(window))),
             )
         } else {
-            (1, SubmitArgs::new())
+            (1, timeout)
         };
+        self.sends_queued = 0;
+        let submitter = self.ring.submitter();
         let result = match timeout {
             Some(timeout) => {
                 let ts = Timespec::from(timeout);
-                submitter.submit_with_args(want, &args.timespec(&ts))
+                submitter.submit_with_args(want, &SubmitArgs::new().timespec(&ts))
             }
-            None if want > 1 => submitter.submit_with_args(want, &args),
-            None => submitter.submit_and_wait(1),
+            None => submitter.submit_and_wait(want),
         };
         match result {
             Ok(_) => Ok(()),
