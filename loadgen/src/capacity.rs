@@ -51,17 +51,17 @@ pub struct CapacityArgs {
 
 /// Runs the search; returns the report and whether any step met the objective.
 pub fn capacity(args: &CapacityArgs) -> Result<(Value, bool), String> {
-    if !(args.factor > 1.0) {
+    if args.factor.is_nan() || args.factor <= 1.0 {
         return Err("--factor must be above 1".into());
     }
-    if !(args.slo_p99_ms > 0.0) {
+    if args.slo_p99_ms.is_nan() || args.slo_p99_ms <= 0.0 {
         return Err("--slo-p99-ms must be positive".into());
     }
     let initial = args.start.unwrap_or(match args.dimension {
         Dimension::Rate => args.run.rate,
         Dimension::Clients => f64::from(args.run.clients),
     });
-    if !(initial > 0.0) {
+    if initial.is_nan() || initial <= 0.0 {
         return Err("the first step needs a positive load (--start)".into());
     }
     let mut steps = Vec::new();
@@ -73,7 +73,11 @@ pub fn capacity(args: &CapacityArgs) -> Result<(Value, bool), String> {
         let (met, why, report) = step(args, load)?;
         eprintln!(
             "tern-loadgen capacity: load {load:.0}: {}",
-            if met { "met".to_owned() } else { format!("missed ({why})") }
+            if met {
+                "met".to_owned()
+            } else {
+                format!("missed ({why})")
+            }
         );
         steps.push(json!({ "load": load, "met": met, "why": why, "report": report }));
         if met {
@@ -118,15 +122,17 @@ fn step(args: &CapacityArgs, load: f64) -> Result<(bool, String, Value), String>
         Dimension::Rate => run_args.rate = load,
         Dimension::Clients => run_args.clients = load.round().max(1.0) as u32,
     }
-    let RunOutcome {
-        report, passed, ..
-    } = run(&run_args)?;
+    let RunOutcome { report, passed, .. } = run(&run_args)?;
     let metric = match args.slo_metric {
         SloMetric::Ack => "ack",
         SloMetric::E2e => "e2e",
     };
-    let p99 = report["latency_ms"][metric]["p99"].as_f64().unwrap_or(f64::INFINITY);
-    let acked_rate = report["messages"]["acked_per_second"].as_f64().unwrap_or(0.0);
+    let p99 = report["latency_ms"][metric]["p99"]
+        .as_f64()
+        .unwrap_or(f64::INFINITY);
+    let acked_rate = report["messages"]["acked_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
     let clients_failed = report["clients"]["failed"].as_u64().unwrap_or(0);
     let why = if !passed {
         "verification or run failed".to_owned()

@@ -9,7 +9,9 @@ const MARGIN_LEFT: f64 = 70.0;
 const MARGIN_BOTTOM: f64 = 30.0;
 const MARGIN_TOP: f64 = 28.0;
 const MARGIN_RIGHT: f64 = 150.0;
-const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
 
 pub struct Series<'a> {
     pub name: &'a str,
@@ -229,9 +231,18 @@ pub fn run_page(report: &Value) -> String {
         "seconds",
         "messages / s",
         &[
-            Series { name: "sent", points: column(report, "sent", 1.0) },
-            Series { name: "acked", points: column(report, "acked", 1.0) },
-            Series { name: "delivered", points: column(report, "delivered", 1.0) },
+            Series {
+                name: "sent",
+                points: column(report, "sent", 1.0),
+            },
+            Series {
+                name: "acked",
+                points: column(report, "acked", 1.0),
+            },
+            Series {
+                name: "delivered",
+                points: column(report, "delivered", 1.0),
+            },
         ],
     ));
     body.push_str(&chart(
@@ -239,32 +250,59 @@ pub fn run_page(report: &Value) -> String {
         "seconds",
         "ms",
         &[
-            Series { name: "ack p50", points: column(report, "ack_p50_ms", 1.0) },
-            Series { name: "ack p99", points: column(report, "ack_p99_ms", 1.0) },
-            Series { name: "e2e p50", points: column(report, "e2e_p50_ms", 1.0) },
-            Series { name: "e2e p99", points: column(report, "e2e_p99_ms", 1.0) },
-            Series { name: "heartbeat p99", points: column(report, "heartbeat_p99_ms", 1.0) },
+            Series {
+                name: "ack p50",
+                points: column(report, "ack_p50_ms", 1.0),
+            },
+            Series {
+                name: "ack p99",
+                points: column(report, "ack_p99_ms", 1.0),
+            },
+            Series {
+                name: "e2e p50",
+                points: column(report, "e2e_p50_ms", 1.0),
+            },
+            Series {
+                name: "e2e p99",
+                points: column(report, "e2e_p99_ms", 1.0),
+            },
+            Series {
+                name: "heartbeat p99",
+                points: column(report, "heartbeat_p99_ms", 1.0),
+            },
         ],
     ));
     body.push_str(&chart(
         "Connected clients",
         "seconds",
         "sessions",
-        &[Series { name: "connected", points: column(report, "connected", 1.0) }],
+        &[Series {
+            name: "connected",
+            points: column(report, "connected", 1.0),
+        }],
     ));
     body.push_str(&chart(
         "Node memory",
         "seconds",
         "MiB",
-        &[Series { name: "node RSS", points: column(report, "node_rss_bytes", 1.0 / 1048576.0) }],
+        &[Series {
+            name: "node RSS",
+            points: column(report, "node_rss_bytes", 1.0 / 1048576.0),
+        }],
     ));
     body.push_str(&chart(
         "CPU (100 % = one core)",
         "seconds",
         "%",
         &[
-            Series { name: "node", points: column(report, "node_cpu_pct", 1.0) },
-            Series { name: "loadgen", points: column(report, "loadgen_cpu_pct", 1.0) },
+            Series {
+                name: "node",
+                points: column(report, "node_cpu_pct", 1.0),
+            },
+            Series {
+                name: "loadgen",
+                points: column(report, "loadgen_cpu_pct", 1.0),
+            },
         ],
     ));
     body.push_str("<p class=\"note\">Latencies are counted from each message's intended send time (open loop), so a stall of the node or of the load generator shows as latency, not as a lower rate. e2e is the time until a recipient device received the message. A run passes when every acknowledged message reached every device of its recipient and sender exactly once and in timeline order after a final sync.</p>");
@@ -272,7 +310,8 @@ pub fn run_page(report: &Value) -> String {
 }
 
 fn mib(v: &Value) -> String {
-    v.as_f64().map_or("-".into(), |b| format!("{:.1}", b / 1048576.0))
+    v.as_f64()
+        .map_or("-".into(), |b| format!("{:.1}", b / 1048576.0))
 }
 
 pub fn capacity_page(report: &Value) -> String {
@@ -290,8 +329,16 @@ pub fn capacity_page(report: &Value) -> String {
     for (i, step) in report["steps"].as_array().into_iter().flatten().enumerate() {
         let r = &step["report"];
         let load = step["load"].as_f64().unwrap_or(0.0);
-        p99.push((load, r["latency_ms"][report["slo_metric"].as_str().unwrap_or("e2e")]["p99"].as_f64().unwrap_or(0.0)));
-        acked.push((load, r["messages"]["acked_per_second"].as_f64().unwrap_or(0.0)));
+        p99.push((
+            load,
+            r["latency_ms"][report["slo_metric"].as_str().unwrap_or("e2e")]["p99"]
+                .as_f64()
+                .unwrap_or(0.0),
+        ));
+        acked.push((
+            load,
+            r["messages"]["acked_per_second"].as_f64().unwrap_or(0.0),
+        ));
         let ok = step["met"].as_bool() == Some(true);
         body.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
@@ -308,8 +355,24 @@ pub fn capacity_page(report: &Value) -> String {
         ));
     }
     body.push_str("</table>");
-    body.push_str(&chart("p99 latency by load", "offered load", "ms", &[Series { name: "p99", points: p99 }]));
-    body.push_str(&chart("Acked rate by load", "offered load", "msg/s", &[Series { name: "acked/s", points: acked }]));
+    body.push_str(&chart(
+        "p99 latency by load",
+        "offered load",
+        "ms",
+        &[Series {
+            name: "p99",
+            points: p99,
+        }],
+    ));
+    body.push_str(&chart(
+        "Acked rate by load",
+        "offered load",
+        "msg/s",
+        &[Series {
+            name: "acked/s",
+            points: acked,
+        }],
+    ));
     page("tern-loadgen capacity", &body)
 }
 
@@ -323,7 +386,10 @@ mod tests {
             "t<1>",
             "s",
             "ms",
-            &[Series { name: "a&b", points: vec![(0.0, 1.0), (1.0, 3.5), (2.0, f64::NAN)] }],
+            &[Series {
+                name: "a&b",
+                points: vec![(0.0, 1.0), (1.0, 3.5), (2.0, f64::NAN)],
+            }],
         );
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("t&lt;1&gt;"));

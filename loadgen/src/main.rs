@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Step the load until the latency objective or the verification fails.
-    Capacity(capacity::CapacityArgs),
+    Capacity(Box<capacity::CapacityArgs>),
     /// One partition of a multi-process run (started by the coordinator).
     #[command(hide = true)]
     Worker {

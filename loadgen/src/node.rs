@@ -175,10 +175,7 @@ fn temp_dir() -> Result<PathBuf, String> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let dir = std::env::temp_dir().join(format!(
-        "tern-loadgen-{}-{nanos:09}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("tern-loadgen-{}-{nanos:09}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     Ok(dir)
 }

@@ -63,19 +63,19 @@ fn validate(args: &RunArgs) -> Result<(), String> {
     if args.devices == 0 || args.devices > 64 {
         return Err("--devices must be 1..=64".into());
     }
-    if !(args.heartbeat >= 0.01) {
+    if args.heartbeat.is_nan() || args.heartbeat < 0.01 {
         return Err("--heartbeat must be at least 0.01 s".into());
     }
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         return Err("--rate must be a non-negative number".into());
     }
-    if !(args.ramp > 0.0) {
+    if args.ramp.is_nan() || args.ramp <= 0.0 {
         return Err("--ramp must be positive".into());
     }
     if !(0.0..=1.0).contains(&args.background) {
         return Err("--background is a fraction in 0..=1".into());
     }
-    if !(args.flap >= 0.0) || !(args.duration > 0.0) {
+    if args.flap.is_nan() || args.flap < 0.0 || args.duration.is_nan() || args.duration <= 0.0 {
         return Err("--flap must be >= 0 and --duration > 0".into());
     }
     if args.window == Some(0) {
@@ -104,9 +104,9 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, String> {
     if sending && users < 2 {
         return Err("sending needs at least 2 users (--clients / --devices)".into());
     }
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-    });
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
 
     let mut node = None;
     let (server, data_dir, node_pid) = if args.spawn {
@@ -115,13 +115,19 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, String> {
             "--durability".to_owned(),
             args.durability.clone(),
             "--heartbeat-ms".to_owned(),
-            ((args.heartbeat * 1000.0).round() as u64).max(10).to_string(),
+            ((args.heartbeat * 1000.0).round() as u64)
+                .max(10)
+                .to_string(),
         ];
         if let Some(shards) = args.node_shards {
             extra.extend(["--shards".to_owned(), shards.to_string()]);
         }
         let spawned = SpawnedNode::start(&bin, extra)?;
-        let out = (spawned.addr, Some(spawned.data.clone()), Some(spawned.pid()));
+        let out = (
+            spawned.addr,
+            Some(spawned.data.clone()),
+            Some(spawned.pid()),
+        );
         node = Some(spawned);
         out
     } else {
@@ -184,7 +190,8 @@ fn run_with_node(
         }
         None => Vec::new(),
     };
-    let run_tag = (args.seed as u32) ^ (std::process::id().rotate_left(16)) ^ crate::sys::unix_ms() as u32;
+    let run_tag =
+        (args.seed as u32) ^ (std::process::id().rotate_left(16)) ^ crate::sys::unix_ms() as u32;
     let parts = partition(users, args.processes);
     let processes = parts.len() as u32;
     let specs: Vec<WorkerSpec> = parts
@@ -223,10 +230,8 @@ fn run_with_node(
         let exe = std::env::current_exe().map_err(|e| format!("locate this executable: {e}"))?;
         for spec in specs {
             let p = spec.process;
-            let file = std::env::temp_dir().join(format!(
-                "tern-loadgen-spec-{}-{p}.json",
-                std::process::id()
-            ));
+            let file = std::env::temp_dir()
+                .join(format!("tern-loadgen-spec-{}-{p}.json", std::process::id()));
             let text = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
             std::fs::write(&file, text).map_err(|e| format!("write {}: {e}", file.display()))?;
             let mut child = Command::new(&exe)
@@ -252,14 +257,18 @@ fn run_with_node(
                             let _ = tx.send((p, msg));
                         }
                         Err(e) => {
-                            let _ = tx.send((p, WorkerMsg::Failed(format!("bad worker line: {e}"))));
+                            let _ =
+                                tx.send((p, WorkerMsg::Failed(format!("bad worker line: {e}"))));
                             finished = true;
                         }
                     }
                 }
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                 if !finished {
-                    let _ = tx.send((p, WorkerMsg::Failed(format!("worker exited early ({status})"))));
+                    let _ = tx.send((
+                        p,
+                        WorkerMsg::Failed(format!("worker exited early ({status})")),
+                    ));
                 }
             });
         }
@@ -275,7 +284,9 @@ fn run_with_node(
     let mut node_pid = node_pid;
     let node_start = node_pid.and_then(proc_sample);
     let mut next_sample = started + Duration::from_secs(1);
-    let mut chaos_at = args.chaos_restart_at.map(|s| started + Duration::from_secs_f64(s));
+    let mut chaos_at = args
+        .chaos_restart_at
+        .map(|s| started + Duration::from_secs_f64(s));
     let mut chaos_error = None;
     let mut totals = Counts::default();
     let mut last_node: Option<ProcSample> = node_start;
@@ -323,7 +334,10 @@ fn run_with_node(
             if let Some(spawned) = node.as_mut() {
                 node_cpu_base = last_node.map_or(0.0, |s| s.cpu_seconds);
                 if !args.quiet {
-                    eprintln!("tern-loadgen: chaos: SIGKILL node {} and restart", spawned.pid());
+                    eprintln!(
+                        "tern-loadgen: chaos: SIGKILL node {} and restart",
+                        spawned.pid()
+                    );
                 }
                 match spawned.kill_and_restart() {
                     Ok(()) => node_pid = Some(spawned.pid()),
@@ -536,10 +550,7 @@ fn merge_second(
     processes: u32,
     done: &mut dyn FnMut(u64, Partial),
 ) {
-    let hists = match Hists::from_wire(&tick.hists) {
-        Ok(h) => h,
-        Err(_) => Hists::new(),
-    };
+    let hists = Hists::from_wire(&tick.hists).unwrap_or_default();
     let entry = partial.entry(tick.sec).or_insert_with(|| Partial {
         processes: 0,
         connected: 0,
@@ -609,7 +620,11 @@ fn human_summary(r: &Value) -> String {
     };
     let num = |path: &str| g(path).as_f64().unwrap_or(0.0);
     let int = |path: &str| g(path).as_u64().unwrap_or(0);
-    let mib = |path: &str| g(path).as_u64().map_or("-".to_owned(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+    let mib = |path: &str| {
+        g(path).as_u64().map_or("-".to_owned(), |b| {
+            format!("{:.1} MiB", b as f64 / 1048576.0)
+        })
+    };
     let lat = |name: &str| {
         format!(
             "{:<10} p50 {:>8.2}  p99 {:>8.2}  p99.9 {:>8.2}  max {:>8.2} ms  (n={})",

@@ -104,10 +104,7 @@ mod tests {
         for (i, at) in due.iter().enumerate() {
             assert_eq!(*at, start + Duration::from_millis(i as u64 + 1));
         }
-        assert_eq!(
-            schedule.next_at(),
-            Some(start + Duration::from_millis(11))
-        );
+        assert_eq!(schedule.next_at(), Some(start + Duration::from_millis(11)));
     }
 
     #[test]

@@ -440,10 +440,7 @@ impl ClientThread {
         let pattern = Pattern::parse(&args.pattern)?;
         let size = parse_size(&args.size)?;
         let mut rng = Rng::new(
-            args.seed
-                ^ (u64::from(spec.process) << 48)
-                ^ (u64::from(index) << 32)
-                ^ 0x5EED,
+            args.seed ^ (u64::from(spec.process) << 48) ^ (u64::from(index) << 32) ^ 0x5EED,
         );
         let mut clients = Vec::new();
         let first_client = spec.user_lo * devices;
@@ -453,8 +450,8 @@ impl ClientThread {
             let user = global / devices;
             let device = global % devices;
             let name = format!("{}{}", args.user_prefix, user);
-            let mut config = ClientConfig::new(name, format!("dev{device}"))
-                .with_seed(rng.next_u64() | 1);
+            let mut config =
+                ClientConfig::new(name, format!("dev{device}")).with_seed(rng.next_u64() | 1);
             match tokens {
                 Some(tokens) => {
                     config = config.with_token(tokens[(user - spec.user_lo) as usize].clone())
@@ -490,7 +487,11 @@ impl ClientThread {
         let slots = spec.processes * threads;
         let per_thread = |total: f64| total / f64::from(slots);
         let ramp = OpenLoop::new(epoch, per_thread(args.ramp)).with_limit(clients.len() as u64);
-        let rate = if args.window.is_some() { 0.0 } else { args.rate };
+        let rate = if args.window.is_some() {
+            0.0
+        } else {
+            args.rate
+        };
         // Sending starts when the whole ramp is due, so every sender exists; the run's
         // message rate is measured from then on.
         let sends_start = epoch + ramp_duration(args);
@@ -685,7 +686,8 @@ impl ClientThread {
             self.ramp_next += 1;
             self.clients[i].session.connect(now);
             if self.clients[i].cycles_background {
-                let at = now + Duration::from_millis(self.rng.between(FOREGROUND_MS.0, FOREGROUND_MS.1));
+                let at =
+                    now + Duration::from_millis(self.rng.between(FOREGROUND_MS.0, FOREGROUND_MS.1));
                 self.set_app_timer(i, at);
             }
             self.pump(i, now);
@@ -780,7 +782,10 @@ impl ClientThread {
         let from = self.clients[i].user;
         let intended_us = intended.saturating_duration_since(self.epoch).as_micros() as u64;
         for to in self.recipients(from) {
-            let len = self.rng.between(u64::from(self.size.0), u64::from(self.size.1)) as usize;
+            let len = self
+                .rng
+                .between(u64::from(self.size.0), u64::from(self.size.1))
+                as usize;
             let text = stamp_text(self.spec.run_tag, intended_us, len);
             let to_name = format!("{}{}", self.spec.args.user_prefix, to);
             let client = &mut self.clients[i];
@@ -814,8 +819,10 @@ impl ClientThread {
                 Ok(_) => {
                     client.connecting = false;
                     if let Some(started) = client.conn_started {
-                        self.hists
-                            .record_us(Metric::Connect, now.duration_since(started).as_micros() as u64);
+                        self.hists.record_us(
+                            Metric::Connect,
+                            now.duration_since(started).as_micros() as u64,
+                        );
                     }
                     client.session.connected(now);
                 }
@@ -1075,12 +1082,12 @@ impl ClientThread {
                     FinalSync::Requested if self.phase == PHASE_FINAL_SYNC => {
                         client.final_sync = FinalSync::Done;
                     }
-                    FinalSync::Pending if self.phase == PHASE_FINAL_SYNC => {
-                        // That run started before the drain ended: one more.
-                        if client.session.sync_now(now) {
-                            client.final_sync = FinalSync::Requested;
-                            client.sync_started = Some(now);
-                        }
+                    // That run started before the drain ended: one more.
+                    FinalSync::Pending
+                        if self.phase == PHASE_FINAL_SYNC && client.session.sync_now(now) =>
+                    {
+                        client.final_sync = FinalSync::Requested;
+                        client.sync_started = Some(now);
                     }
                     _ => {}
                 }
@@ -1146,15 +1153,9 @@ impl ClientThread {
                     flag.store(THREAD_DRAINED, Ordering::Release);
                 }
             }
-            PHASE_FINAL_SYNC => {
-                // Devices that lost their sync run to a disconnect retry after login.
-                if self
-                    .clients
-                    .iter()
-                    .all(|c| c.final_sync == FinalSync::Done)
-                {
-                    flag.store(THREAD_SYNCED, Ordering::Release);
-                }
+            // Devices that lost their sync run to a disconnect retry after login.
+            PHASE_FINAL_SYNC if self.clients.iter().all(|c| c.final_sync == FinalSync::Done) => {
+                flag.store(THREAD_SYNCED, Ordering::Release);
             }
             _ => {}
         }
@@ -1190,7 +1191,11 @@ impl ClientThread {
             hists: std::mem::take(&mut self.hists),
             counts: self.counts,
             errors: std::mem::take(&mut self.errors),
-            unacked: self.clients.iter().map(|c| c.session.outbox_len() as u64).sum(),
+            unacked: self
+                .clients
+                .iter()
+                .map(|c| c.session.outbox_len() as u64)
+                .sum(),
             clients_connected: self.clients.iter().filter(|c| c.logged_in_once).count() as u64,
         }
     }

@@ -14,7 +14,10 @@ const RUN_DEADLINE: Duration = Duration::from_secs(120);
 /// The `tern` binary in this build's target folder, built on demand (a plain
 /// `cargo test -p tern-loadgen` does not build the other package's binaries).
 fn tern_bin() -> PathBuf {
-    let dir = Path::new(LOADGEN).parent().expect("target dir").to_path_buf();
+    let dir = Path::new(LOADGEN)
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
     let bin = dir.join("tern");
     if !bin.is_file() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -160,11 +163,17 @@ fn a_few_hundred_clients_verify_and_the_report_has_every_field() {
     // Every message reaches both devices of its recipient and of its sender.
     assert_eq!(int(&report, "messages.delivered"), sent * 4);
     assert!(int(&report, "latency_ms.heartbeat.count") > 0);
-    assert!(int(&report, "events.flaps") > 0, "the flap knob did nothing");
+    assert!(
+        int(&report, "events.flaps") > 0,
+        "the flap knob did nothing"
+    );
     assert!(int(&report, "events.background_cycles") + int(&report, "events.flaps") > 0);
     assert!(!at(&report, "timeseries").as_array().unwrap().is_empty());
     assert!(page.contains("<svg") && page.contains("Throughput"));
-    assert!(!page.contains("<script src"), "the page must not fetch anything");
+    assert!(
+        !page.contains("<script src"),
+        "the page must not fetch anything"
+    );
 }
 
 #[test]
@@ -182,7 +191,11 @@ fn a_node_killed_and_restarted_mid_run_loses_no_acknowledged_message() {
         "3",
     ]);
     assert!(output.status.success(), "{}", explain(&output, &report));
-    assert_eq!(int(&report, "server.restarts"), 1, "the restart must have happened");
+    assert_eq!(
+        int(&report, "server.restarts"),
+        1,
+        "the restart must have happened"
+    );
     let acked = int(&report, "messages.acked");
     assert!(acked > 200, "too few messages to prove anything: {acked}");
     assert_eq!(int(&report, "messages.lost"), 0);

@@ -122,7 +122,10 @@ mod tests {
         assert_eq!(first.ids.len(), 1000);
         assert!(first.ids.iter().all(|id| *id != single));
         let view = store.read().expect("read");
-        let user = view.user_by_name("load-999").expect("read").expect("exists");
+        let user = view
+            .user_by_name("load-999")
+            .expect("read")
+            .expect("exists");
         assert_eq!(user.id, first.ids[999]);
         assert_eq!(user.password_hash, "hash-b");
         assert_eq!(
