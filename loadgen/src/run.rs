@@ -165,6 +165,8 @@ fn run_with_node(
     users: u32,
     threads: u32,
 ) -> Result<RunOutcome, String> {
+    // CPU of this process before the run: a capacity search runs many in one process.
+    let own_cpu_start = self_sample().map_or(0.0, |s| s.cpu_seconds);
     let provision_started = Instant::now();
     let user_ids = match data_dir {
         Some(dir) => Some(provision(dir, &args.user_prefix, users, &args.password)?),
@@ -319,7 +321,7 @@ fn run_with_node(
                 last_node = sample;
             }
             samples.push(sample);
-            let own = self_sample().map_or(0.0, |s| s.cpu_seconds)
+            let own = self_sample().map_or(0.0, |s| s.cpu_seconds) - own_cpu_start
                 + worker_pids
                     .iter()
                     .filter_map(|pid| proc_sample(*pid))
@@ -408,10 +410,12 @@ fn run_with_node(
     if let Some(e) = chaos_error {
         failures.push(e);
     }
+    let own_cpu = self_sample().map_or(0.0, |s| s.cpu_seconds) - own_cpu_start;
+    // One process: the workers' threads are this process's. Several: their own totals.
     let loadgen_cpu = if processes == 1 {
-        self_sample().map_or(0.0, |s| s.cpu_seconds)
+        own_cpu
     } else {
-        worker_cpu + self_sample().map_or(0.0, |s| s.cpu_seconds)
+        worker_cpu + own_cpu
     };
     let wall = started.elapsed().as_secs_f64();
 

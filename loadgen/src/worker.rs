@@ -1092,12 +1092,14 @@ impl ClientThread {
                     _ => {}
                 }
             }
-            Event::Pong { rtt } => {
+            // Only while the run lasts: the drain and the final sync of every device at
+            // once are the verifier's load, not the workload's.
+            Event::Pong { rtt } if self.phase == PHASE_RUN => {
                 let us = rtt.as_micros() as u64;
                 self.hists.record_us(Metric::Heartbeat, us);
                 self.interval.record_us(Metric::Heartbeat, us);
             }
-            Event::TimelinePage { .. } => {}
+            Event::Pong { .. } | Event::TimelinePage { .. } => {}
         }
     }
 
