@@ -53,28 +53,16 @@ enum Command {
     },
     /// Send one message and wait for its durable ack; prints one JSON object.
     Send {
-        #[arg(long, default_value = "127.0.0.1:7420")]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
-        #[arg(long, default_value = "cli")]
-        device: String,
+        #[command(flatten)]
+        account: cli_client::Account,
         #[arg(long)]
         to: String,
         text: String,
     },
     /// Print the timeline after a seq, one JSON object per entry and line.
     Sync {
-        #[arg(long, default_value = "127.0.0.1:7420")]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
-        #[arg(long, default_value = "cli")]
-        device: String,
+        #[command(flatten)]
+        account: cli_client::Account,
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
@@ -148,21 +136,8 @@ fn main() -> ExitCode {
                     map_size_mib,
                 },
         } => user_add_bulk(&data, &prefix, first, count, &password, map_size_mib),
-        Command::Send {
-            server,
-            user,
-            password,
-            device,
-            to,
-            text,
-        } => cli_client::send(server, &user, &password, &device, &to, &text),
-        Command::Sync {
-            server,
-            user,
-            password,
-            device,
-            after,
-        } => cli_client::sync(server, &user, &password, &device, after),
+        Command::Send { account, to, text } => cli_client::send(&account, &to, &text),
+        Command::Sync { account, after } => cli_client::sync(&account, after),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
