@@ -238,3 +238,41 @@ fn worker_processes_merge_into_one_report() {
     assert_eq!(int(&report, "latency_ms.ack.count"), sent);
     assert_eq!(int(&report, "messages.lost"), 0);
 }
+
+#[test]
+fn capacity_search_steps_the_client_count_and_reports_every_step() {
+    let (output, report, page) = run_loadgen(&[
+        "capacity",
+        "--dimension",
+        "clients",
+        "--factor",
+        "2",
+        "--max-steps",
+        "2",
+        "--slo-p99-ms",
+        "60000",
+        "--clients",
+        "40",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--heartbeat",
+        "0.5",
+        "--durability",
+        "none",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let steps = report["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{stderr}");
+    assert_eq!(steps[0]["load"].as_f64(), Some(40.0));
+    assert_eq!(steps[1]["load"].as_f64(), Some(80.0));
+    assert_eq!(
+        steps[1]["report"]["clients"]["connected"].as_u64(),
+        Some(80),
+        "each step carries its full run report"
+    );
+    assert_eq!(report["best"].as_f64(), Some(80.0));
+    assert!(page.contains("capacity search") && page.contains("<svg"));
+}
