@@ -282,6 +282,8 @@ fn run_with_node(
     let mut results: Vec<Option<Result<WorkerResult, String>>> = vec![None; processes as usize];
     let mut samples: Vec<Option<ProcSample>> = Vec::new();
     let mut loadgen_samples: Vec<f64> = Vec::new();
+    // All loadgen processes together: what the simulated devices cost this machine.
+    let mut loadgen_rss_peak = 0u64;
     let mut node_cpu_base = 0.0;
     let mut node_pid = node_pid;
     let node_start = node_pid.and_then(proc_sample);
@@ -321,13 +323,14 @@ fn run_with_node(
                 last_node = sample;
             }
             samples.push(sample);
-            let own = self_sample().map_or(0.0, |s| s.cpu_seconds) - own_cpu_start
-                + worker_pids
-                    .iter()
-                    .filter_map(|pid| proc_sample(*pid))
-                    .map(|s| s.cpu_seconds)
-                    .sum::<f64>();
+            let workers: Vec<ProcSample> =
+                worker_pids.iter().filter_map(|pid| proc_sample(*pid)).collect();
+            let me = self_sample().unwrap_or_default();
+            let own = me.cpu_seconds - own_cpu_start
+                + workers.iter().map(|s| s.cpu_seconds).sum::<f64>();
             loadgen_samples.push(own);
+            let rss = me.rss_bytes + workers.iter().map(|s| s.rss_bytes).sum::<u64>();
+            loadgen_rss_peak = loadgen_rss_peak.max(rss);
         }
         if let Some(at) = chaos_at
             && now >= at
@@ -497,6 +500,7 @@ fn run_with_node(
         },
         "loadgen": {
             "cpu_seconds": loadgen_cpu,
+            "rss_bytes_peak": loadgen_rss_peak,
             "send_backlog_max": seconds.iter().map(|s| s.send_backlog).max().unwrap_or(0),
         },
         "events": {
@@ -686,8 +690,9 @@ fn human_summary(r: &Value) -> String {
         int("server.restarts"),
     ));
     out.push_str(&format!(
-        "loadgen     cpu {:.2} s; wall {:.1} s (drain {:.1} s, final sync {:.1} s)\n",
+        "loadgen     cpu {:.2} s, rss peak {}; wall {:.1} s (drain {:.1} s, final sync {:.1} s)\n",
         num("loadgen.cpu_seconds"),
+        mib("loadgen.rss_bytes_peak"),
         num("phases.wall_seconds"),
         num("phases.drain_seconds"),
         num("phases.final_sync_seconds"),
