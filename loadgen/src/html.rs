@@ -28,6 +28,7 @@ pub fn chart(title: &str, x_unit: &str, y_unit: &str, series: &[Series]) -> Stri
             y_max = y_max.max(y);
         }
     }
+    let x_max = nice_ceiling(x_max);
     let y_max = nice_ceiling(y_max);
     let plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT;
     let plot_h = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM;
@@ -172,7 +173,7 @@ pub fn run_page(report: &Value) -> String {
     );
     let args = &report["config"]["args"];
     body.push_str(&format!(
-        "<p>{} clients ({} devices per user) on {}, {} s, rate {} msg/s{}, pattern {}, heartbeat {} s, {} process(es) × {} thread(s).</p>",
+        "<p>{} clients (devices per user: {}) on {}, {} s, rate {} msg/s{}, pattern {}, heartbeat {} s, {} process(es) × {} thread(s).</p>",
         f(&report["config"]["clients"]),
         f(&args["devices"]),
         escape(report["config"]["server"].as_str().unwrap_or("?")),
