@@ -323,11 +323,13 @@ fn run_with_node(
                 last_node = sample;
             }
             samples.push(sample);
-            let workers: Vec<ProcSample> =
-                worker_pids.iter().filter_map(|pid| proc_sample(*pid)).collect();
+            let workers: Vec<ProcSample> = worker_pids
+                .iter()
+                .filter_map(|pid| proc_sample(*pid))
+                .collect();
             let me = self_sample().unwrap_or_default();
-            let own = me.cpu_seconds - own_cpu_start
-                + workers.iter().map(|s| s.cpu_seconds).sum::<f64>();
+            let own =
+                me.cpu_seconds - own_cpu_start + workers.iter().map(|s| s.cpu_seconds).sum::<f64>();
             loadgen_samples.push(own);
             let rss = me.rss_bytes + workers.iter().map(|s| s.rss_bytes).sum::<u64>();
             loadgen_rss_peak = loadgen_rss_peak.max(rss);
