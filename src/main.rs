@@ -81,6 +81,24 @@ enum UserCommand {
         #[arg(long, default_value = "./tern-data")]
         data: PathBuf,
     },
+    /// Create users PREFIX0 … PREFIX(COUNT-1) sharing one password, in one transaction
+    /// (the password is hashed once). Existing users are kept. Prints one JSON object.
+    AddBulk {
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: u64,
+        /// Number of the first user.
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value = "./tern-data")]
+        data: PathBuf,
+        /// LMDB map size in MiB; give the node's value if it runs with --map-size-mib.
+        #[arg(long)]
+        map_size_mib: Option<usize>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,6 +144,17 @@ fn main() -> ExitCode {
                     data,
                 },
         } => user_add(&data, &name, &password),
+        Command::User {
+            command:
+                UserCommand::AddBulk {
+                    prefix,
+                    count,
+                    first,
+                    password,
+                    data,
+                    map_size_mib,
+                },
+        } => user_add_bulk(&data, &prefix, first, count, &password, map_size_mib),
         Command::Send { account, to, text } => cli_client::send(&account, &to, &text),
         Command::Sync { account, after } => cli_client::sync(&account, after),
     };
@@ -269,6 +298,44 @@ fn user_add(data: &std::path::Path, name: &str, password: &str) -> Result<(), St
         Err(StoreError::AlreadyExists) => Err(format!("user {name} already exists")),
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn user_add_bulk(
+    data: &std::path::Path,
+    prefix: &str,
+    first: u64,
+    count: u64,
+    password: &str,
+    map_size_mib: Option<usize>,
+) -> Result<(), String> {
+    if password.is_empty() || password.len() > tern::limits::PASSWORD_SIZE_MAX {
+        return Err(format!(
+            "password must be 1..={} bytes",
+            tern::limits::PASSWORD_SIZE_MAX
+        ));
+    }
+    let mut config = StoreConfig::default();
+    if let Some(mib) = map_size_mib {
+        config.map_size = mib << 20;
+    }
+    let store = Store::open(data, &config).map_err(|e| e.to_string())?;
+    let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let bulk = store
+        .add_users_bulk(prefix, first, count, &hash)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "prefix": prefix,
+            "first": first,
+            "count": count,
+            "created": bulk.created,
+            "first_user_id": bulk.ids.first().map(|id| id.0),
+            "seconds": started.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
 }
 
 mod cli_client;

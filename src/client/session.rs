@@ -70,6 +70,11 @@ pub struct ClientConfig {
     pub seed: u64,
     /// `Sync.limit`: entries per sync page; 0 asks for the node's maximum.
     pub sync_page_limit: u32,
+    /// Ping at this interval instead of the one the node announces in `HelloOk` (a load
+    /// generator models phones that ping less often). The node closes a connection silent
+    /// for 2.5 of its own intervals, so a longer interval than the node's only works against
+    /// a node configured for it.
+    pub heartbeat_interval: Option<Duration>,
 }
 
 impl ClientConfig {
@@ -88,6 +93,7 @@ impl ClientConfig {
             busy_retry: Duration::from_millis(BUSY_RETRY_MS_DEFAULT),
             seed: os_seed(),
             sync_page_limit: SYNC_PAGE_LIMIT_DEFAULT,
+            heartbeat_interval: None,
         }
     }
 
@@ -603,6 +609,17 @@ impl<S: ClientStore> ClientSession<S> {
         Ok(client_msg_id)
     }
 
+    /// Starts a sync run from `last_seq` now (the answer ends in `Event::SyncDone`), as a
+    /// device does when the app comes to the foreground. False when not established or
+    /// when a sync run is already in flight (its `SyncDone` will follow).
+    pub fn sync_now(&mut self, now: Instant) -> bool {
+        if self.phase != Phase::Established || self.sync.in_flight.is_some() {
+            return false;
+        }
+        self.start_sync(now);
+        true
+    }
+
     /// Reads the timeline after `after_seq` (one page; the answer is `Event::TimelinePage`
     /// with this request id), independently of `last_seq` and without storing anything.
     /// None when not established or when a fetch is already in flight.
@@ -756,8 +773,12 @@ impl<S: ClientStore> ClientSession<S> {
         if ok.protocol_version.to_native() != PROTOCOL_VERSION {
             return self.peer_fault(now, "HelloOk with another protocol version");
         }
-        let interval_ms =
-            u64::from(ok.heartbeat_interval_ms.to_native()).max(HEARTBEAT_INTERVAL_MS_MIN);
+        let announced_ms = u64::from(ok.heartbeat_interval_ms.to_native());
+        let chosen_ms = match self.config.heartbeat_interval {
+            Some(interval) => u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            None => announced_ms,
+        };
+        let interval_ms = chosen_ms.max(HEARTBEAT_INTERVAL_MS_MIN);
         let interval = Duration::from_millis(interval_ms);
         self.heartbeat_interval = Some(interval);
         self.ping_at = Some(now + interval);

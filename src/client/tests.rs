@@ -1149,6 +1149,46 @@ fn absurd_heartbeat_interval_is_clamped() {
     assert_eq!(at, h.now + Duration::from_millis(HEARTBEAT_INTERVAL_MS_MIN));
 }
 
+#[test]
+fn configured_heartbeat_interval_overrides_the_nodes() {
+    let mut config = config();
+    config.heartbeat_interval = Some(Duration::from_secs(270));
+    let mut h = Harness::new(config, MemoryStore::new());
+    h.session.connect(h.now);
+    h.actions();
+    h.session.connected(h.now);
+    let (hello_id, _) = h.sent()[0];
+    h.feed(&hello_ok(hello_id, HEARTBEAT_MS));
+    let (login_id, _) = h.sent()[0];
+    h.feed(&login_ok(login_id, 0, 0));
+    let (sync_id, _) = h.sent()[0];
+    h.feed(&sync_page(sync_id, &[], 0, false));
+    h.events();
+    assert_eq!(
+        h.session.next_timeout(),
+        Some(h.now + Duration::from_secs(270))
+    );
+}
+
+#[test]
+fn sync_now_runs_one_sync_at_a_time_and_reports_done() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    assert!(!h.session.sync_now(h.now), "no sync before login");
+    h.establish_synced();
+    assert!(h.session.sync_now(h.now));
+    assert!(!h.session.sync_now(h.now), "one sync run at a time");
+    let sent = h.sent();
+    let [(sync_id, Out::Sync(sync))] = sent.as_slice() else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(sync.after_seq, 0);
+    h.feed(&sync_page(*sync_id, &[1, 2], 2, false));
+    let events = h.events();
+    assert_eq!(Harness::delivered_seqs(&events), vec![1, 2]);
+    assert_eq!(events.last(), Some(&Event::SyncDone { head_seq: 2 }));
+    assert!(h.session.sync_now(h.now));
+}
+
 // ----- hostile input ----------------------------------------------------------------------
 
 #[test]

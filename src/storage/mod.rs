@@ -11,6 +11,7 @@
 //! outside a transaction (another process may have written since).
 
 mod apply;
+mod bulk;
 mod error;
 mod read;
 mod schema;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
 
+pub use bulk::{BULK_USERS_MAX, BulkUsers};
 pub use error::StoreError;
 pub use read::ReadView;
 pub use writer::{
