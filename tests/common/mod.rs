@@ -323,7 +323,7 @@ impl RawConn {
     }
 
     /// Reads until the node closes the connection; returns the frames seen on the way, or
-    /// None if it stayed open for `timeout`.
+    /// None if it stayed open for `timeout` (the frames read so far stay queued).
     pub fn read_until_closed(
         &mut self,
         timeout: Duration,
@@ -334,7 +334,14 @@ impl RawConn {
             match self.read_frame(deadline.saturating_duration_since(Instant::now())) {
                 Some(frame) => seen.push(frame),
                 None if self.closed => return Some(seen),
-                None => return None,
+                None => {
+                    // Still open: keep what arrived for the next read, so a frame that
+                    // came just before the deadline is not lost.
+                    for frame in seen.into_iter().rev() {
+                        self.frames.push_front(frame);
+                    }
+                    return None;
+                }
             }
         }
     }
