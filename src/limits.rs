@@ -80,8 +80,38 @@ pub const TOKEN_LIFETIME_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Most shards one node runs.
 pub const SHARDS_MAX: usize = 256;
 
+/// Members of one group, the owner included. A group message is one stored message plus,
+/// per member, a timeline entry, a conversation-index entry and a conversation update,
+/// all in the writer's transaction: about 1,000 B-tree puts for 256 members, a few ms on
+/// a Pi-class board, which the writer can afford per message without stalling other
+/// sends. 256 also keeps `GroupInfo` (≤ 256 × ~81 B) well inside one frame.
+pub const GROUP_MEMBERS_MAX: usize = 256;
+/// Groups one user belongs to. Bounds `GroupListPage` (≤ 256 × ~92 B) to one frame and the
+/// per-user group index.
+pub const USER_GROUPS_MAX: usize = 256;
+/// Longest group name in bytes.
+pub const GROUP_NAME_SIZE_MAX: usize = 64;
+/// Most groups per `GroupListPage`.
+pub const GROUP_LIST_PAGE_MAX: u32 = USER_GROUPS_MAX as u32;
+/// Most entries per `HistoryPage`; the page also stops at `SYNC_PAGE_BYTES_MAX`.
+pub const HISTORY_PAGE_ENTRIES_MAX: u32 = 100;
+/// Most conversations per `ConversationsPage`. Each item is at most ~330 B (title, sender,
+/// preview), so 64 stay far inside one frame.
+pub const CONVERSATIONS_PAGE_MAX: u32 = 64;
+/// Bytes of the last message shown in a conversation-list preview.
+pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
+
 const _: () = assert!(FRAME_HEADER_SIZE < FRAME_SIZE_MAX);
 const _: () = assert!(MESSAGE_TEXT_SIZE_MAX + 1024 < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
 const _: () = assert!(TIMER_SLOTS.is_power_of_two());
 const _: () = assert!(SHARDS_MAX <= u16::MAX as usize);
+const _: () =
+    assert!(GROUP_MEMBERS_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () =
+    assert!(USER_GROUPS_MAX * (8 + 8 + GROUP_NAME_SIZE_MAX + 8 + 4 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () = assert!(
+    CONVERSATIONS_PAGE_MAX as usize
+        * (8 + 3 * 8 + 8 + 4 + 8 + 8 + 2 * USER_NAME_SIZE_MAX + CONVERSATION_PREVIEW_SIZE_MAX)
+        < SYNC_PAGE_BYTES_MAX
+);

@@ -78,6 +78,48 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
+    /// Groups: create, add, remove, leave, rename, info, list, send (JSON lines).
+    Group {
+        #[command(subcommand)]
+        command: cli_team::GroupCommand,
+    },
+    /// Page backwards through one conversation, newest first (JSON lines).
+    History {
+        #[command(flatten)]
+        login: cli_team::Login,
+        /// A group conversation.
+        #[arg(long, conflicts_with = "with")]
+        group: Option<u64>,
+        /// A 1:1 conversation with this user.
+        #[arg(long)]
+        with: Option<String>,
+        /// Entries with timeline seq below this one (0: from the newest).
+        #[arg(long, default_value_t = 0)]
+        before: u64,
+        /// Entries per page (0: the node's maximum).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Keep paging until the first entry.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The user's conversations by last activity, with unread counts (JSON lines).
+    Conversations {
+        #[command(flatten)]
+        login: cli_team::Login,
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Mark a conversation read up to a timeline seq.
+    Read {
+        #[command(flatten)]
+        login: cli_team::Login,
+        /// Conversation id (as printed by `tern conversations`).
+        conv: u64,
+        up_to_seq: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,6 +176,25 @@ fn main() -> ExitCode {
             device,
             after,
         } => cli_client::sync(server, &user, &password, &device, after),
+        Command::Group { command } => cli_team::group(command),
+        Command::History {
+            login,
+            group,
+            with,
+            before,
+            limit,
+            all,
+        } => cli_team::history(&login, group, with.as_deref(), before, limit, all),
+        Command::Conversations {
+            login,
+            offset,
+            limit,
+        } => cli_team::conversations(&login, offset, limit),
+        Command::Read {
+            login,
+            conv,
+            up_to_seq,
+        } => cli_team::read(&login, conv, up_to_seq),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,3 +300,4 @@ fn user_add(data: &std::path::Path, name: &str, password: &str) -> Result<(), St
 }
 
 mod cli_client;
+mod cli_team;

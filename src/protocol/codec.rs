@@ -26,6 +26,19 @@ pub enum Kind {
     DeviceAck = 12,
     Kicked = 13,
     Error = 14,
+    // Team messaging (src/protocol/team.rs).
+    GroupOp = 15,
+    GroupQuery = 16,
+    GroupInfo = 17,
+    GroupList = 18,
+    GroupListPage = 19,
+    GroupSend = 20,
+    History = 21,
+    HistoryPage = 22,
+    Conversations = 23,
+    ConversationsPage = 24,
+    Read = 25,
+    ReadOk = 26,
 }
 
 impl Kind {
@@ -46,6 +59,18 @@ impl Kind {
             12 => DeviceAck,
             13 => Kicked,
             14 => Error,
+            15 => GroupOp,
+            16 => GroupQuery,
+            17 => GroupInfo,
+            18 => GroupList,
+            19 => GroupListPage,
+            20 => GroupSend,
+            21 => History,
+            22 => HistoryPage,
+            23 => Conversations,
+            24 => ConversationsPage,
+            25 => Read,
+            26 => ReadOk,
             _ => return None,
         })
     }

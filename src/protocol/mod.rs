@@ -8,6 +8,7 @@
 mod codec;
 mod error;
 mod messages;
+mod team;
 
 pub use codec::{
     DecodeError, FrameHeader, FrameReader, Kind, access, encode, encode_with, frame_len,
@@ -15,6 +16,7 @@ pub use codec::{
 };
 pub use error::ErrorCode;
 pub use messages::*;
+pub use team::*;
 
 /// Protocol version spoken by this build. A hello with another version is refused with
 /// `ErrorCode::UnsupportedVersion`.

@@ -101,9 +101,7 @@ impl Router {
 impl CommitSink for Router {
     fn committed(&mut self, results: &mut Vec<OpResult>, deliveries: &mut Vec<Delivery>) {
         for result in results.drain(..) {
-            let origin = match &result {
-                OpResult::SendAcked { origin, .. } | OpResult::SendFailed { origin, .. } => *origin,
-            };
+            let origin = result.origin();
             let shard = origin.shard.0 as usize;
             self.mailboxes[shard].put_waiting(ShardMsg::Result(result));
             self.touched[shard] = true;

@@ -7,6 +7,7 @@
 //! blocks outside its backend's wait, except for a password hash at first login.
 
 pub mod mailbox;
+mod team;
 pub mod timer_wheel;
 
 use std::collections::HashMap;
@@ -197,6 +198,10 @@ impl Shard {
                     device: identity.device,
                     up_to_seq,
                 });
+            }
+            team => {
+                let unhandled = self.handle_team_request(conn_id, team);
+                debug_assert!(unhandled.is_none(), "request without a handler");
             }
         }
     }
@@ -414,6 +419,25 @@ impl Shard {
                 let (origin, outcome) = match result {
                     OpResult::SendAcked { origin, ack } => (origin, Ok(ack)),
                     OpResult::SendFailed { origin, code } => (origin, Err(code)),
+                    OpResult::Answered { origin, reply } => {
+                        if let Some(conn) = self.conn_mut(origin.conn) {
+                            conn.inflight = conn.inflight.saturating_sub(1);
+                        }
+                        self.answer_reply(origin.conn, origin.request_id, reply);
+                        return;
+                    }
+                    OpResult::Refused {
+                        origin,
+                        code,
+                        message,
+                    } => {
+                        if let Some(conn) = self.conn_mut(origin.conn) {
+                            conn.inflight = conn.inflight.saturating_sub(1);
+                            conn.reply_error(origin.request_id, code, message);
+                            self.mark_dirty(origin.conn);
+                        }
+                        return;
+                    }
                 };
                 let Some(conn) = self.conn_mut(origin.conn) else {
                     return;

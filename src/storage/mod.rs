@@ -1,4 +1,5 @@
-//! The store: LMDB through heed. Users, messages, per-user timelines, device ack cursors.
+//! The store: LMDB through heed. Users, messages, per-user timelines, device ack cursors,
+//! groups and conversation indexes.
 //!
 //! `Store` opens the environment and hands out short read transactions (`ReadView`) that
 //! shard threads use without ever blocking. All message writes go through the one writer
@@ -11,7 +12,9 @@
 //! outside a transaction (another process may have written since).
 
 mod apply;
+mod conversations;
 mod error;
+mod groups;
 mod read;
 mod schema;
 pub mod writer;
@@ -27,7 +30,7 @@ use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
 pub use error::StoreError;
 pub use read::ReadView;
 pub use writer::{
-    CommitSink, Delivery, OpResult, Origin, WriteOp, WriterHandle, WriterStats, spawn_writer,
+    CommitSink, Delivery, OpResult, Origin, Reply, WriteOp, WriterHandle, WriterStats, spawn_writer,
 };
 
 use crate::ids::UserId;

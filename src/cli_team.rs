@@ -1,0 +1,316 @@
+//! `tern group …`, `tern history`, `tern conversations` and `tern read`: one-shot team
+//! messaging clients over the blocking SDK driver, printing JSON, one object per line.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use tern::client::{BlockingClient, ClientConfig, ClientError, ReceivedMessage};
+use tern::protocol::{GroupInfo, conv_group, group_conv, record_kind};
+
+/// Where and as whom to connect.
+#[derive(Args, Clone)]
+pub struct Login {
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub server: SocketAddr,
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub password: String,
+    #[arg(long, default_value = "cli")]
+    pub device: String,
+}
+
+#[derive(Subcommand)]
+pub enum GroupCommand {
+    /// Create a group owned by --user with the named members; prints the group.
+    Create {
+        #[command(flatten)]
+        login: Login,
+        name: String,
+        /// Member user names (the owner is added anyway).
+        #[arg(long = "member", num_args = 1..)]
+        members: Vec<String>,
+    },
+    /// Add members to a group.
+    Add {
+        #[command(flatten)]
+        login: Login,
+        group: u64,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove members from a group (owner only).
+    Remove {
+        #[command(flatten)]
+        login: Login,
+        group: u64,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Leave a group.
+    Leave {
+        #[command(flatten)]
+        login: Login,
+        group: u64,
+    },
+    /// Rename a group.
+    Rename {
+        #[command(flatten)]
+        login: Login,
+        group: u64,
+        name: String,
+    },
+    /// Print one group with its members.
+    Info {
+        #[command(flatten)]
+        login: Login,
+        group: u64,
+    },
+    /// Print the user's groups, one per line.
+    List {
+        #[command(flatten)]
+        login: Login,
+    },
+    /// Send a message to a group and wait for its durable ack.
+    Send {
+        #[command(flatten)]
+        login: Login,
+        group: u64,
+        text: String,
+    },
+}
+
+fn connect(login: &Login) -> Result<BlockingClient, String> {
+    let config = ClientConfig::new(&login.user, &login.device).with_password(&login.password);
+    let mut client = BlockingClient::new(login.server, config);
+    client.connect().map_err(|e| describe(login.server, e))?;
+    Ok(client)
+}
+
+fn describe(server: SocketAddr, error: ClientError) -> String {
+    match error {
+        ClientError::Offline {
+            last_error: Some(e),
+        } => format!("cannot reach {server}: {e}"),
+        other => other.to_string(),
+    }
+}
+
+/// Runs `f` on a connected client, then closes it.
+fn with_client<T>(
+    login: &Login,
+    f: impl FnOnce(&mut BlockingClient) -> Result<T, ClientError>,
+) -> Result<T, String> {
+    let mut client = connect(login)?;
+    let result = f(&mut client);
+    client.close();
+    result.map_err(|e| describe(login.server, e))
+}
+
+fn group_json(info: &GroupInfo) -> serde_json::Value {
+    json!({
+        "group_id": info.group_id,
+        "conv": group_conv(info.group_id),
+        "name": info.name,
+        "owner_id": info.owner_id,
+        "members": info.members.iter().map(|m| json!({
+            "user_id": m.user_id,
+            "name": m.name,
+            "owner": m.owner,
+        })).collect::<Vec<_>>(),
+        "seq": info.seq,
+    })
+}
+
+pub fn group(command: GroupCommand) -> Result<(), String> {
+    match command {
+        GroupCommand::Create {
+            login,
+            name,
+            members,
+        } => {
+            let info = with_client(&login, |c| c.group_create(&name, &members))?;
+            println!("{}", group_json(&info));
+        }
+        GroupCommand::Add {
+            login,
+            group,
+            users,
+        } => {
+            let info = with_client(&login, |c| c.group_add(group, &users))?;
+            println!("{}", group_json(&info));
+        }
+        GroupCommand::Remove {
+            login,
+            group,
+            users,
+        } => {
+            let info = with_client(&login, |c| c.group_remove(group, &users))?;
+            println!("{}", group_json(&info));
+        }
+        GroupCommand::Leave { login, group } => {
+            let info = with_client(&login, |c| c.group_leave(group))?;
+            println!("{}", json!({ "group_id": info.group_id, "left": true }));
+        }
+        GroupCommand::Rename { login, group, name } => {
+            let info = with_client(&login, |c| c.group_rename(group, &name))?;
+            println!("{}", group_json(&info));
+        }
+        GroupCommand::Info { login, group } => {
+            let info = with_client(&login, |c| c.group_info(group))?;
+            println!("{}", group_json(&info));
+        }
+        GroupCommand::List { login } => {
+            let groups = with_client(&login, |c| c.group_list())?;
+            for g in groups {
+                println!(
+                    "{}",
+                    json!({
+                        "group_id": g.group_id,
+                        "conv": group_conv(g.group_id),
+                        "name": g.name,
+                        "owner_id": g.owner_id,
+                        "members": g.members,
+                    })
+                );
+            }
+        }
+        GroupCommand::Send { login, group, text } => {
+            let ack = with_client(&login, |c| c.group_send(group, &text))?;
+            println!(
+                "{}",
+                json!({
+                    "msg_id": ack.msg_id,
+                    "seq": ack.seq,
+                    "duplicate": ack.duplicate,
+                    "group_id": group,
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One timeline entry as a JSON object (shared by `history`).
+pub fn entry_json(entry: &ReceivedMessage) -> serde_json::Value {
+    let mut value = json!({
+        "seq": entry.seq,
+        "msg_id": entry.msg_id,
+        "from": entry.from,
+        "text": entry.text,
+        "sent_at_ms": entry.sent_at_ms,
+    });
+    match &entry.record {
+        None => value["to"] = json!(entry.to),
+        Some(record) => {
+            value["kind"] = json!(match record.kind {
+                record_kind::GROUP_MESSAGE => "group_message",
+                record_kind::GROUP_CREATED => "group_created",
+                record_kind::MEMBERS_ADDED => "members_added",
+                record_kind::MEMBERS_REMOVED => "members_removed",
+                record_kind::MEMBER_LEFT => "member_left",
+                record_kind::GROUP_RENAMED => "group_renamed",
+                record_kind::READ => "read",
+                _ => "unknown",
+            });
+            value["conv"] = json!(record.conv);
+            if let Some(group_id) = conv_group(record.conv) {
+                value["group_id"] = json!(group_id);
+            }
+            if !record.users.is_empty() {
+                value["users"] = json!(record.users);
+            }
+            if record.kind == record_kind::READ {
+                value["up_to_msg_id"] = json!(record.up_to);
+            }
+        }
+    }
+    value
+}
+
+/// The conversation id named on the command line: `--group ID` or `--with USER`.
+fn conversation(
+    client: &mut BlockingClient,
+    group: Option<u64>,
+    with: Option<&str>,
+) -> Result<u64, ClientError> {
+    match (group, with) {
+        (Some(group), _) => Ok(group_conv(group)),
+        (None, Some(name)) => {
+            // A 1:1 conversation is named by the other user's id: find it in the list.
+            let mut offset = 0;
+            loop {
+                let page = client.conversations(offset, 0)?;
+                if let Some(item) = page
+                    .items
+                    .iter()
+                    .find(|i| conv_group(i.conv).is_none() && i.title == name)
+                {
+                    return Ok(item.conv);
+                }
+                offset += page.items.len() as u32;
+                if page.items.is_empty() || offset >= page.total {
+                    return Err(ClientError::Invalid("no conversation with that user"));
+                }
+            }
+        }
+        (None, None) => Err(ClientError::Invalid("name --group ID or --with USER")),
+    }
+}
+
+pub fn history(
+    login: &Login,
+    group: Option<u64>,
+    with: Option<&str>,
+    before: u64,
+    limit: u32,
+    all: bool,
+) -> Result<(), String> {
+    with_client(login, |client| {
+        let conv = conversation(client, group, with)?;
+        let mut before = before;
+        loop {
+            let (entries, has_more) = client.history(conv, before, limit)?;
+            for entry in &entries {
+                println!("{}", entry_json(entry));
+            }
+            match entries.last() {
+                Some(last) if all && has_more => before = last.seq,
+                _ => return Ok(()),
+            }
+        }
+    })
+}
+
+pub fn conversations(login: &Login, offset: u32, limit: u32) -> Result<(), String> {
+    let page = with_client(login, |c| c.conversations(offset, limit))?;
+    for item in page.items {
+        println!(
+            "{}",
+            json!({
+                "conv": item.conv,
+                "group_id": conv_group(item.conv),
+                "title": item.title,
+                "last_seq": item.last_seq,
+                "last_at_ms": item.last_at_ms,
+                "last_from": item.last_from,
+                "preview": item.preview,
+                "unread": item.unread,
+                "read_seq": item.read_seq,
+                "total": page.total,
+            })
+        );
+    }
+    Ok(())
+}
+
+pub fn read(login: &Login, conv: u64, up_to: u64) -> Result<(), String> {
+    let ok = with_client(login, |c| c.read(conv, up_to))?;
+    println!(
+        "{}",
+        json!({ "conv": ok.conv, "read_seq": ok.read_seq, "unread": ok.unread })
+    );
+    Ok(())
+}
