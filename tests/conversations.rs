@@ -44,7 +44,10 @@ fn history_pages_return_every_message_once() {
     let mut bob = device(&node, "bob", "phone");
     // Interleave a 1:1 conversation, a group and another 1:1, so each history must pick
     // its own entries out of one timeline.
-    let group = alice.group_create("pair", &["bob".to_owned()]).unwrap().group_id;
+    let group = alice
+        .group_create("pair", &["bob".to_owned()])
+        .unwrap()
+        .group_id;
     let mut direct = Vec::new();
     let mut in_group = Vec::new();
     for i in 0..23 {
@@ -52,15 +55,17 @@ fn history_pages_return_every_message_once() {
         let sender = if from_alice { &mut alice } else { &mut bob };
         let to = if from_alice { "bob" } else { "alice" };
         direct.push(sender.send(to, &format!("direct {i}")).unwrap().msg_id);
-        in_group.push(sender.group_send(group, &format!("group {i}")).unwrap().msg_id);
+        in_group.push(
+            sender
+                .group_send(group, &format!("group {i}"))
+                .unwrap()
+                .msg_id,
+        );
         alice.send("carol", &format!("other {i}")).unwrap();
     }
 
     let bob_id = user_id(&bob);
-    for (conv, expected, membership) in [
-        (bob_id, &direct, 0),
-        (group_conv(group), &in_group, 1),
-    ] {
+    for (conv, expected, membership) in [(bob_id, &direct, 0), (group_conv(group), &in_group, 1)] {
         for limit in [1, 7, 0] {
             let mut seen = Vec::new();
             let mut seqs = Vec::new();
@@ -81,7 +86,10 @@ fn history_pages_return_every_message_once() {
                     _ => break,
                 }
             }
-            assert!(seqs.windows(2).all(|w| w[0] > w[1]), "newest first, no repeats");
+            assert!(
+                seqs.windows(2).all(|w| w[0] > w[1]),
+                "newest first, no repeats"
+            );
             seen.reverse();
             assert_eq!(&seen, expected, "conv {conv} limit {limit}");
             // The group history also holds its creation record.
@@ -128,7 +136,13 @@ fn unread_counts_and_read_receipts_agree_across_devices() {
         .record
         .as_ref()
         .is_some_and(|r| r.kind == record_kind::READ))));
-    let mark = bob_laptop.received().last().unwrap().record.clone().unwrap();
+    let mark = bob_laptop
+        .received()
+        .last()
+        .unwrap()
+        .record
+        .clone()
+        .unwrap();
     assert_eq!((mark.conv, mark.up_to), (alice_id, sent[2].msg_id));
 
     // Alice's devices get the read receipt in her timeline.
@@ -139,7 +153,11 @@ fn unread_counts_and_read_receipts_agree_across_devices() {
     let receipt = alice
         .received()
         .iter()
-        .find(|e| e.record.as_ref().is_some_and(|r| r.kind == record_kind::READ))
+        .find(|e| {
+            e.record
+                .as_ref()
+                .is_some_and(|r| r.kind == record_kind::READ)
+        })
         .unwrap()
         .clone();
     assert_eq!(receipt.from, "bob");
@@ -158,7 +176,11 @@ fn unread_counts_and_read_receipts_agree_across_devices() {
         .sync_all(0)
         .unwrap()
         .iter()
-        .filter(|e| e.record.as_ref().is_some_and(|r| r.kind == record_kind::READ))
+        .filter(|e| {
+            e.record
+                .as_ref()
+                .is_some_and(|r| r.kind == record_kind::READ)
+        })
         .map(|e| e.record.as_ref().unwrap().up_to)
         .collect();
     assert_eq!(receipts, HashSet::from([sent[2].msg_id, sent[4].msg_id]));
@@ -172,11 +194,17 @@ fn conversation_list_orders_by_last_activity_and_pages() {
     }
     let mut alice = device(&node, "alice", "phone");
     alice.send("bob", "to bob").unwrap();
-    let group = alice.group_create("crew", &["carol".to_owned()]).unwrap().group_id;
+    let group = alice
+        .group_create("crew", &["carol".to_owned()])
+        .unwrap()
+        .group_id;
     alice.send("dave", "to dave").unwrap();
     alice.group_send(group, "to the crew").unwrap();
     let titles = |page: &tern::protocol::ConversationsPage| {
-        page.items.iter().map(|i| i.title.clone()).collect::<Vec<_>>()
+        page.items
+            .iter()
+            .map(|i| i.title.clone())
+            .collect::<Vec<_>>()
     };
     let page = alice.conversations(0, 0).unwrap();
     assert_eq!(page.total, 3);

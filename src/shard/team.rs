@@ -59,9 +59,7 @@ impl Shard {
         conn_id: ConnId,
         request: Request,
     ) -> Option<Request> {
-        let Some(identity) = self.identity_of(conn_id) else {
-            return None;
-        };
+        let identity = self.identity_of(conn_id)?;
         let origin = |request_id| Origin {
             shard: self.id,
             conn: conn_id,

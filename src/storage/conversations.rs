@@ -335,6 +335,7 @@ fn cut(text: &str) -> &str {
 
 impl<'s> ReadView<'s> {
     /// `user`'s state of conversation `conv`, if the user has one.
+    #[cfg(test)]
     pub(crate) fn conversation_state(
         &self,
         user: UserId,
@@ -366,15 +367,14 @@ impl<'s> ReadView<'s> {
         let end = schema::triple_key(user.0, conv, before);
         let range = (Bound::Included(&start[..]), Bound::Excluded(&end[..]));
         let mut bytes_taken = 0usize;
-        let mut taken = 0u32;
-        for item in self
+        let entries = self
             .dbs()
             .conv_entries
             .rev_range(self.txn(), &range)
-            .map_err(StoreError::lmdb("open history range"))?
-        {
+            .map_err(StoreError::lmdb("open history range"))?;
+        for (taken, item) in entries.enumerate() {
             let (key, value) = item.map_err(StoreError::lmdb("read history"))?;
-            if taken >= limit {
+            if taken >= limit as usize {
                 return Ok(true);
             }
             let seq = schema::decode_u64(&key[16..], "conversation entry key")?;
@@ -389,7 +389,6 @@ impl<'s> ReadView<'s> {
                 return Ok(true);
             }
             f(seq, message);
-            taken += 1;
             bytes_taken = bytes_taken.saturating_add(message.len());
         }
         Ok(false)
