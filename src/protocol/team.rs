@@ -251,6 +251,28 @@ mod tests {
         assert!(is_record(&bytes));
     }
 
+    /// Root sizes as documented in docs/protocol.md §11.
+    #[test]
+    fn archived_sizes_match_the_documentation() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<ArchivedRecord>(), 74);
+        assert_eq!(size_of::<ArchivedGroupOp>(), 25);
+        assert_eq!(size_of::<ArchivedGroupQuery>(), 8);
+        assert_eq!(size_of::<ArchivedGroupMember>(), 17);
+        assert_eq!(size_of::<ArchivedGroupInfo>(), 40);
+        assert_eq!(size_of::<ArchivedGroupList>(), 12);
+        assert_eq!(size_of::<ArchivedGroupListPage>(), 9);
+        assert_eq!(size_of::<ArchivedGroupSummary>(), 28);
+        assert_eq!(size_of::<ArchivedGroupSend>(), 24);
+        assert_eq!(size_of::<ArchivedHistory>(), 20);
+        assert_eq!(size_of::<ArchivedHistoryPage>(), 9);
+        assert_eq!(size_of::<ArchivedConversations>(), 8);
+        assert_eq!(size_of::<ArchivedConversationsPage>(), 12);
+        assert_eq!(size_of::<ArchivedConversationItem>(), 60);
+        assert_eq!(size_of::<ArchivedRead>(), 16);
+        assert_eq!(size_of::<ArchivedReadOk>(), 20);
+    }
+
     #[test]
     fn conversation_ids_round_trip() {
         assert_eq!(conv_group(group_conv(7)), Some(7));
