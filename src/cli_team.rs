@@ -213,6 +213,7 @@ pub fn entry_json(entry: &ReceivedMessage) -> serde_json::Value {
                 record_kind::MEMBER_LEFT => "member_left",
                 record_kind::GROUP_RENAMED => "group_renamed",
                 record_kind::READ => "read",
+                record_kind::DELIVERED => "delivered",
                 _ => "unknown",
             });
             value["conv"] = json!(record.conv);
@@ -222,7 +223,7 @@ pub fn entry_json(entry: &ReceivedMessage) -> serde_json::Value {
             if !record.users.is_empty() {
                 value["users"] = json!(record.users);
             }
-            if record.kind == record_kind::READ {
+            if matches!(record.kind, record_kind::READ | record_kind::DELIVERED) {
                 value["up_to_msg_id"] = json!(record.up_to);
             }
         }

@@ -98,6 +98,10 @@ pub const HISTORY_PAGE_ENTRIES_MAX: u32 = 100;
 /// Most conversations per `ConversationsPage`. Each item is at most ~330 B (title, sender,
 /// preview), so 64 stay far inside one frame.
 pub const CONVERSATIONS_PAGE_MAX: u32 = 64;
+/// Timeline entries one device ack examines for delivery receipts. Bounds the writer's
+/// work per ack (one message read each); a device catching up on more is covered by its
+/// next acks.
+pub const DELIVERY_SCAN_MAX: usize = 1024;
 /// Bytes of the last message shown in a conversation-list preview.
 pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
 

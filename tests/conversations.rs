@@ -216,3 +216,37 @@ fn conversation_list_orders_by_last_activity_and_pages() {
     alice.send("bob", "again").unwrap();
     assert_eq!(titles(&alice.conversations(0, 2).unwrap()), ["bob", "crew"]);
 }
+
+#[test]
+fn delivery_receipt_reaches_the_sender_once_per_delivery() {
+    let node = TestNode::start(&["--shards", "2"]);
+    for user in ["alice", "bob"] {
+        node.add_user(user, PASSWORD);
+    }
+    let mut alice = device(&node, "alice", "phone");
+    let alice_id = user_id(&alice);
+    let sent: Vec<u64> = (0..3)
+        .map(|i| alice.send("bob", &format!("m{i}")).unwrap().msg_id)
+        .collect();
+    let delivered = |entries: &[ReceivedMessage]| -> Vec<(String, u64, u64)> {
+        entries
+            .iter()
+            .filter_map(|e| {
+                let r = e.record.as_ref()?;
+                (r.kind == record_kind::DELIVERED).then(|| (e.from.clone(), r.conv, r.up_to))
+            })
+            .collect()
+    };
+    // Bob was offline; his phone's login sync and ack deliver all three at once.
+    let _bob_phone = device(&node, "bob", "phone");
+    assert!(pump_until(&mut alice, |r| !delivered(r).is_empty()));
+    assert_eq!(
+        delivered(alice.received()),
+        [("bob".to_owned(), alice_id, sent[2])]
+    );
+    // A second device of bob acknowledging the same entries sends no second receipt. Its
+    // ack is applied before the send it made after (one writer, in queue order).
+    let mut bob_laptop = device(&node, "bob", "laptop");
+    bob_laptop.send("bob", "note to self").unwrap();
+    assert_eq!(delivered(&alice.sync_all(0).unwrap()).len(), 1);
+}

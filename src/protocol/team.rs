@@ -51,6 +51,9 @@ pub mod record_kind {
     /// In the reader's own timeline it tells the reader's other devices; in a sender's
     /// timeline it is a read receipt, with `conv` as that sender sees the conversation.
     pub const READ: u16 = 7;
+    /// Delivery receipt: a device of `from` stored this user's messages in conversation
+    /// `conv` (as `from` names it) up to and including msg id `up_to`.
+    pub const DELIVERED: u16 = 8;
 }
 
 /// A stored timeline record (after `RECORD_MARKER`). Fields a kind does not use are 0 or

@@ -10,6 +10,7 @@ use heed::{PutFlags, RwTxn};
 
 use super::conversations::{self, NoteKind};
 use super::groups::{self, GroupOpFields, GroupSendFields};
+use super::receipts;
 use super::schema::{self, Dbs, DedupEntry, DeviceKey, META_NEXT_MSG_ID};
 use super::writer::{Delivery, OpResult, Origin, WriteOp};
 use super::{Store, StoreError};
@@ -78,7 +79,8 @@ pub(super) fn in_one_txn(
                 device,
                 up_to_seq,
             } => {
-                apply_device_ack(&mut txn, dbs, *user, device, *up_to_seq)?;
+                let acked = apply_device_ack(&mut txn, dbs, *user, device, *up_to_seq)?;
+                receipts::on_device_ack(&mut txn, dbs, *user, acked, wall_clock_ms(), deliveries)?;
             }
             WriteOp::GroupOp {
                 origin,
@@ -384,13 +386,14 @@ fn last_timeline_seq(txn: &RwTxn, dbs: &Dbs, user: UserId) -> Result<u64, StoreE
     }
 }
 
+/// Moves a device's cursor; returns the cursor now.
 fn apply_device_ack(
     txn: &mut RwTxn,
     dbs: &Dbs,
     user: UserId,
     device: &str,
     up_to_seq: u64,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let key = DeviceKey::new(user, device).ok_or(StoreError::InvalidArgument("device name"))?;
     let head = schema::head(txn, dbs, user)?;
     let old = match dbs
@@ -409,7 +412,15 @@ fn apply_device_ack(
             .put(txn, key.as_bytes(), &new.to_be_bytes())
             .map_err(StoreError::lmdb("write device ack"))?;
     }
-    Ok(())
+    Ok(new)
+}
+
+/// Unix ms for records the writer makes on its own (delivery receipts).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Puts a key that must not exist yet; finding it is a broken invariant of the stored data,

@@ -16,6 +16,7 @@ mod conversations;
 mod error;
 mod groups;
 mod read;
+mod receipts;
 mod schema;
 pub mod writer;
 

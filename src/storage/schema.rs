@@ -19,6 +19,7 @@
 //! | `conv_entries`| user ‖ conv u64 ‖ seq u64         | msg id u64 ‖ from id u64 ‖ flags u8   |
 //! | `convs`       | user id u64 ‖ conv u64            | `ConvState` (5 × u64)                 |
 //! | `conv_recent` | user id u64 ‖ last seq u64        | conv u64                              |
+//! | `delivered`   | user id u64                       | seq u64: delivery receipts sent up to |
 //!
 //! `messages` also holds records (group messages, membership changes, read marks): the
 //! value is then `protocol::RECORD_MARKER` followed by an archived `protocol::Record`.
@@ -76,6 +77,7 @@ pub(crate) struct Dbs {
     pub conv_entries: Db,
     pub convs: Db,
     pub conv_recent: Db,
+    pub delivered: Db,
 }
 
 /// Creates (or opens) every database and records the schema version, in one transaction.
@@ -108,6 +110,7 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
                     opener.create_database(wtxn, Some("conv_entries"))?,
                     opener.create_database(wtxn, Some("convs"))?,
                     opener.create_database(wtxn, Some("conv_recent"))?,
+                    opener.create_database(wtxn, Some("delivered"))?,
                 ),
             )))
         })
@@ -122,7 +125,7 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             heads,
             dedup,
             device_acks,
-            (groups, members, user_groups, conv_entries, convs, conv_recent),
+            (groups, members, user_groups, conv_entries, convs, conv_recent, delivered),
         )) => Ok(Dbs {
             meta,
             users,
@@ -138,6 +141,7 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             conv_entries,
             convs,
             conv_recent,
+            delivered,
         }),
         CommitOrAbort::Abort(error) => Err(error),
     }
