@@ -315,3 +315,50 @@ pub fn read(login: &Login, conv: u64, up_to: u64) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// Prints the users' presence, then (with `watch_s` > 0) each change for that long.
+pub fn presence(login: &Login, users: &[String], watch_s: u64) -> Result<(), String> {
+    use std::time::{Duration, Instant};
+    use tern::client::Event;
+
+    let mut client = connect(login)?;
+    let items = if watch_s > 0 {
+        client.presence_subscribe(users)
+    } else {
+        client.presence_query(users)
+    };
+    let items = match items {
+        Ok(items) => items,
+        Err(e) => {
+            client.close();
+            return Err(describe(login.server, e));
+        }
+    };
+    for item in &items {
+        println!(
+            "{}",
+            json!({ "user": item.name, "user_id": item.user_id, "online": item.online, "version": item.version })
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(watch_s);
+    client.run_until(deadline, |event| {
+        if let Event::Presence {
+            user_id,
+            online,
+            version,
+        } = event
+        {
+            let name = items
+                .iter()
+                .find(|i| i.user_id == *user_id)
+                .map_or("", |i| i.name.as_str());
+            println!(
+                "{}",
+                json!({ "user": name, "user_id": user_id, "online": online, "version": version })
+            );
+        }
+        false
+    });
+    client.close();
+    Ok(())
+}

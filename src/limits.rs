@@ -102,6 +102,13 @@ pub const CONVERSATIONS_PAGE_MAX: u32 = 64;
 /// work per ack (one message read each); a device catching up on more is covered by its
 /// next acks.
 pub const DELIVERY_SCAN_MAX: usize = 1024;
+/// Users one connection watches (`PresenceSubscribe`) or asks about (`PresenceQuery`).
+/// Each watch costs 8 B in the connection's set and 8 B in the presence board, and a
+/// `PresenceState` of 256 items (~89 B each) fits one frame.
+pub const PRESENCE_WATCH_MAX: usize = 256;
+/// Shortest interval between two typing indicators one connection relays; faster ones are
+/// dropped without an answer. A group indicator costs a push to every online member.
+pub const TYPING_INTERVAL_MS_MIN: u64 = 1_000;
 /// Bytes of the last message shown in a conversation-list preview.
 pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
 
@@ -119,3 +126,5 @@ const _: () = assert!(
         * (8 + 3 * 8 + 8 + 4 + 8 + 8 + 2 * USER_NAME_SIZE_MAX + CONVERSATION_PREVIEW_SIZE_MAX)
         < SYNC_PAGE_BYTES_MAX
 );
+const _: () =
+    assert!(PRESENCE_WATCH_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);

@@ -112,6 +112,16 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },
+    /// Print users' presence (JSON lines); with --watch, also their changes for that long.
+    Presence {
+        #[command(flatten)]
+        login: cli_team::Login,
+        #[arg(required = true)]
+        users: Vec<String>,
+        /// Seconds to watch for changes (0: just print the presence now).
+        #[arg(long, default_value_t = 0)]
+        watch: u64,
+    },
     /// Mark a conversation read up to a timeline seq.
     Read {
         #[command(flatten)]
@@ -195,6 +205,11 @@ fn main() -> ExitCode {
             conv,
             up_to_seq,
         } => cli_team::read(&login, conv, up_to_seq),
+        Command::Presence {
+            login,
+            users,
+            watch,
+        } => cli_team::presence(&login, &users, watch),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

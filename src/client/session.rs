@@ -237,6 +237,19 @@ pub enum Event {
     /// The answer to a team request (groups, history, conversations, read marks; see
     /// `client::team`), or its refusal.
     Team { request_id: u32, answer: TeamAnswer },
+    /// A watched user came online or went offline (`ClientSession::presence_subscribe`).
+    /// Of two events about one user, the higher `version` is the newer.
+    Presence {
+        user_id: u64,
+        online: bool,
+        version: u64,
+    },
+    /// `from` is typing in conversation `conv`. Ephemeral: never in the timeline.
+    Typing {
+        conv: u64,
+        from_id: u64,
+        from: String,
+    },
 }
 
 /// Receives every event a driver takes from the session, in order.
@@ -675,6 +688,24 @@ impl<S: ClientStore> ClientSession<S> {
         Some(request_id)
     }
 
+    /// Writes a frame that has no answer but may be refused (a typing indicator). It gets
+    /// a request id of its own that nothing waits for, so a refusal is dropped rather than
+    /// taken for a connection-level error. False when not established.
+    pub(super) fn fire_and_forget(&mut self, write: impl FnOnce(&mut Vec<u8>, u32)) -> bool {
+        if self.phase != Phase::Established {
+            return false;
+        }
+        let request_id = loop {
+            self.request_id_last = self.request_id_last.wrapping_add(1);
+            let id = self.request_id_last;
+            if id != 0 && !self.pending.contains_key(&id) {
+                break id;
+            }
+        };
+        write(&mut self.tx, request_id);
+        true
+    }
+
     /// A fresh client message id, for sends outside the outbox (group sends).
     pub(super) fn fresh_client_msg_id(&mut self) -> u64 {
         self.next_client_msg_id()
@@ -783,7 +814,14 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::GroupListPage
             | Kind::HistoryPage
             | Kind::ConversationsPage
-            | Kind::ReadOk => self.on_response(header, payload, now),
+            | Kind::ReadOk
+            | Kind::PresenceState => self.on_response(header, payload, now),
+            Kind::PresencePush | Kind::TypingPush => {
+                match team::decode_push(header.kind, payload) {
+                    Some(event) => self.events.push_back(event),
+                    None => self.peer_fault(now, "malformed presence or typing push"),
+                }
+            }
             Kind::Error if header.request_id != 0 => self.on_response(header, payload, now),
             Kind::Error => self.on_connection_error(payload, now),
             Kind::Push => self.on_push(payload, now),
@@ -800,7 +838,10 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::GroupSend
             | Kind::History
             | Kind::Conversations
-            | Kind::Read => self.peer_fault(now, "client-only frame kind from node"),
+            | Kind::Read
+            | Kind::PresenceSubscribe
+            | Kind::PresenceQuery
+            | Kind::Typing => self.peer_fault(now, "client-only frame kind from node"),
         }
     }
 

@@ -17,9 +17,10 @@ use super::store::ClientStore;
 use crate::limits::{GROUP_NAME_SIZE_MAX, MESSAGE_TEXT_SIZE_MAX, USER_NAME_SIZE_MAX};
 use crate::protocol::{
     self, ArchivedConversationsPage, ArchivedErrorBody, ArchivedGroupInfo, ArchivedGroupListPage,
-    ArchivedHistoryPage, ArchivedReadOk, ArchivedSendAck, Conversations, ConversationsPage,
-    GroupInfo, GroupList, GroupListPage, GroupOp, GroupQuery, GroupSend, History, Kind, Read,
-    ReadOk, SendAck, group_op,
+    ArchivedHistoryPage, ArchivedPresencePush, ArchivedPresenceState, ArchivedReadOk,
+    ArchivedSendAck, ArchivedTypingPush, Conversations, ConversationsPage, GroupInfo, GroupList,
+    GroupListPage, GroupOp, GroupQuery, GroupSend, History, Kind, PresenceItem, PresenceQuery,
+    PresenceState, PresenceSubscribe, Read, ReadOk, SendAck, Typing, group_op,
 };
 
 /// The answer to one team request.
@@ -36,6 +37,7 @@ pub enum TeamAnswer {
     Read(ReadOk),
     /// A group send was stored durably.
     Sent(SendAck),
+    Presence(PresenceState),
     /// The node refused the request (`code` is an `ErrorCode` number).
     Failed {
         code: u16,
@@ -79,6 +81,10 @@ pub(super) fn decode_answer(kind: Kind, payload: &[u8]) -> Option<TeamAnswer> {
             let ack = protocol::access::<ArchivedSendAck>(kind, payload).ok()?;
             TeamAnswer::Sent(rkyv::deserialize::<SendAck, Failure>(ack).ok()?)
         }
+        Kind::PresenceState => {
+            let state = protocol::access::<ArchivedPresenceState>(kind, payload).ok()?;
+            TeamAnswer::Presence(rkyv::deserialize::<PresenceState, Failure>(state).ok()?)
+        }
         Kind::Error => {
             let body = protocol::access::<ArchivedErrorBody>(kind, payload).ok()?;
             TeamAnswer::Failed {
@@ -88,6 +94,29 @@ pub(super) fn decode_answer(kind: Kind, payload: &[u8]) -> Option<TeamAnswer> {
         }
         _ => return None,
     })
+}
+
+/// Validates a presence or typing push and turns it into its event.
+pub(super) fn decode_push(kind: Kind, payload: &[u8]) -> Option<Event> {
+    match kind {
+        Kind::PresencePush => {
+            let push = protocol::access::<ArchivedPresencePush>(kind, payload).ok()?;
+            Some(Event::Presence {
+                user_id: push.user_id.to_native(),
+                online: push.online,
+                version: push.version.to_native(),
+            })
+        }
+        Kind::TypingPush => {
+            let push = protocol::access::<ArchivedTypingPush>(kind, payload).ok()?;
+            Some(Event::Typing {
+                conv: push.conv.to_native(),
+                from_id: push.from_id.to_native(),
+                from: push.from.as_str().to_owned(),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Why a team request was not sent.
@@ -186,6 +215,35 @@ impl<S: ClientStore> ClientSession<S> {
     pub fn read(&mut self, conv: u64, up_to_seq: u64, now: Instant) -> Option<u32> {
         self.team_request(now, |tx, id| {
             protocol::encode(tx, Kind::Read, id, &Read { conv, up_to_seq });
+        })
+    }
+
+    /// Watches exactly `users` (replacing the earlier set); changes arrive as
+    /// `Event::Presence`. The set lasts as long as the connection: subscribe again after
+    /// a reconnect.
+    pub fn presence_subscribe(&mut self, users: &[String], now: Instant) -> Option<u32> {
+        let frame = PresenceSubscribe {
+            users: users.to_vec(),
+        };
+        self.team_request(now, |tx, id| {
+            protocol::encode(tx, Kind::PresenceSubscribe, id, &frame);
+        })
+    }
+
+    pub fn presence_query(&mut self, users: &[String], now: Instant) -> Option<u32> {
+        let frame = PresenceQuery {
+            users: users.to_vec(),
+        };
+        self.team_request(now, |tx, id| {
+            protocol::encode(tx, Kind::PresenceQuery, id, &frame);
+        })
+    }
+
+    /// Tells the other side of `conv` that this user is typing. Not answered; the node
+    /// relays at most one per second per connection. False when not established.
+    pub fn typing(&mut self, conv: u64) -> bool {
+        self.fire_and_forget(|tx, id| {
+            protocol::encode(tx, Kind::Typing, id, &Typing { conv });
         })
     }
 }
@@ -361,6 +419,38 @@ impl<S: ClientStore> BlockingClient<S> {
             TeamAnswer::Conversations(page) => Ok(page),
             _ => Err(ClientError::Unexpected),
         }
+    }
+
+    /// Watches `users`' presence (replacing the earlier set); returns their presence now.
+    /// Changes arrive as `Event::Presence` during later calls.
+    pub fn presence_subscribe(
+        &mut self,
+        users: &[String],
+    ) -> Result<Vec<PresenceItem>, ClientError> {
+        check_names("", users, false)?;
+        match self.team_call(OnLost::Retry, |s, now| s.presence_subscribe(users, now))? {
+            TeamAnswer::Presence(state) => Ok(state.users),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    pub fn presence_query(&mut self, users: &[String]) -> Result<Vec<PresenceItem>, ClientError> {
+        check_names("", users, false)?;
+        match self.team_call(OnLost::Retry, |s, now| s.presence_query(users, now))? {
+            TeamAnswer::Presence(state) => Ok(state.users),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// Sends a typing indicator for `conv` (nothing waits for an answer).
+    pub fn typing(&mut self, conv: u64) -> Result<(), ClientError> {
+        let deadline = Instant::now() + self.operation_timeout();
+        self.wait_ready(deadline)?;
+        if !self.session_mut().typing(conv) {
+            return Err(ClientError::NotConnected);
+        }
+        self.pump(Instant::now());
+        Ok(())
     }
 
     /// Marks conversation `conv` read up to timeline seq `up_to_seq`.

@@ -39,6 +39,13 @@ pub enum Kind {
     ConversationsPage = 24,
     Read = 25,
     ReadOk = 26,
+    // Presence and typing (src/protocol/presence.rs).
+    PresenceSubscribe = 27,
+    PresenceQuery = 28,
+    PresenceState = 29,
+    PresencePush = 30,
+    Typing = 31,
+    TypingPush = 32,
 }
 
 impl Kind {
@@ -71,6 +78,12 @@ impl Kind {
             24 => ConversationsPage,
             25 => Read,
             26 => ReadOk,
+            27 => PresenceSubscribe,
+            28 => PresenceQuery,
+            29 => PresenceState,
+            30 => PresencePush,
+            31 => Typing,
+            32 => TypingPush,
             _ => return None,
         })
     }

@@ -8,6 +8,7 @@
 mod codec;
 mod error;
 mod messages;
+mod presence;
 mod team;
 
 pub use codec::{
@@ -16,6 +17,7 @@ pub use codec::{
 };
 pub use error::ErrorCode;
 pub use messages::*;
+pub use presence::*;
 pub use team::*;
 
 /// Protocol version spoken by this build. A hello with another version is refused with

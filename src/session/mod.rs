@@ -105,6 +105,19 @@ pub enum Request {
         conv: u64,
         up_to_seq: u64,
     },
+    PresenceSubscribe {
+        request_id: u32,
+        users: Vec<String>,
+    },
+    PresenceQuery {
+        request_id: u32,
+        users: Vec<String>,
+    },
+    /// No answer unless refused.
+    Typing {
+        request_id: u32,
+        conv: u64,
+    },
 }
 
 /// Settings the node announces to every connection.

@@ -5,11 +5,13 @@
 
 use super::{FrameError, Request, write_error};
 use crate::limits::{
-    GROUP_MEMBERS_MAX, GROUP_NAME_SIZE_MAX, MESSAGE_TEXT_SIZE_MAX, USER_NAME_SIZE_MAX,
+    GROUP_MEMBERS_MAX, GROUP_NAME_SIZE_MAX, MESSAGE_TEXT_SIZE_MAX, PRESENCE_WATCH_MAX,
+    USER_NAME_SIZE_MAX,
 };
 use crate::protocol::{
     self, ArchivedConversations, ArchivedGroupList, ArchivedGroupOp, ArchivedGroupQuery,
-    ArchivedGroupSend, ArchivedHistory, ArchivedRead, ErrorCode, FrameHeader, Kind, group_op,
+    ArchivedGroupSend, ArchivedHistory, ArchivedPresenceQuery, ArchivedPresenceSubscribe,
+    ArchivedRead, ArchivedTyping, ErrorCode, FrameHeader, Kind, group_op,
 };
 
 /// Whether `kind` is a team request a client may send once logged in.
@@ -23,6 +25,9 @@ pub(super) fn is_team_request(kind: Kind) -> bool {
             | Kind::History
             | Kind::Conversations
             | Kind::Read
+            | Kind::PresenceSubscribe
+            | Kind::PresenceQuery
+            | Kind::Typing
     )
 }
 
@@ -136,6 +141,47 @@ pub(super) fn handle_frame(
                 request_id: id,
                 conv: q.conv.to_native(),
                 up_to_seq: q.up_to_seq.to_native(),
+            });
+        }
+        Kind::PresenceSubscribe | Kind::PresenceQuery => {
+            let users = if header.kind == Kind::PresenceSubscribe {
+                &protocol::access::<ArchivedPresenceSubscribe>(header.kind, payload)
+                    .map_err(malformed)?
+                    .users
+            } else {
+                &protocol::access::<ArchivedPresenceQuery>(header.kind, payload)
+                    .map_err(malformed)?
+                    .users
+            };
+            if users.len() > PRESENCE_WATCH_MAX {
+                write_error(out, id, ErrorCode::TooLarge, "too many users named");
+                return Ok(());
+            }
+            if users
+                .iter()
+                .any(|u| u.is_empty() || u.len() > USER_NAME_SIZE_MAX)
+            {
+                write_error(out, id, ErrorCode::UnknownUser, "no such user");
+                return Ok(());
+            }
+            let users = users.iter().map(|u| u.as_str().to_owned()).collect();
+            requests.push(if header.kind == Kind::PresenceSubscribe {
+                Request::PresenceSubscribe {
+                    request_id: id,
+                    users,
+                }
+            } else {
+                Request::PresenceQuery {
+                    request_id: id,
+                    users,
+                }
+            });
+        }
+        Kind::Typing => {
+            let q = protocol::access::<ArchivedTyping>(header.kind, payload).map_err(malformed)?;
+            requests.push(Request::Typing {
+                request_id: id,
+                conv: q.conv.to_native(),
             });
         }
         kind => unreachable!("{kind:?} is not a team request"),

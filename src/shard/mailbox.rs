@@ -25,6 +25,16 @@ pub enum ShardMsg {
     Deliver(Delivery),
     /// Another login replaced this connection's device.
     Kick { conn: ConnId },
+    /// A user watched by `conn` came online or went offline.
+    Presence {
+        conn: ConnId,
+        push: crate::protocol::PresencePush,
+    },
+    /// Someone is typing to `user`, who has a device on this shard. Never stored.
+    Typing {
+        user: crate::ids::UserId,
+        push: std::sync::Arc<crate::protocol::TypingPush>,
+    },
 }
 
 pub struct Mailbox {

@@ -7,6 +7,7 @@
 //! blocks outside its backend's wait, except for a password hash at first login.
 
 pub mod mailbox;
+mod presence;
 mod team;
 pub mod timer_wheel;
 
@@ -75,6 +76,11 @@ pub struct Shard {
     deliveries: Vec<Delivery>,
     /// Kicks for other shards whose mailboxes were full; retried next turn.
     kicks_pending: Vec<(ShardId, ConnId)>,
+    /// Presence watches and typing rate of this shard's connections.
+    presence_conns: HashMap<ConnId, presence::ConnPresence>,
+    /// Presence changes and typing indicators for other shards whose mailboxes were full;
+    /// retried next turn.
+    ephemeral_pending: Vec<(ShardId, ShardMsg)>,
     stats: ShardStats,
 }
 
@@ -93,6 +99,8 @@ impl Shard {
             expired: Vec::new(),
             deliveries: Vec::new(),
             kicks_pending: Vec::new(),
+            presence_conns: HashMap::new(),
+            ephemeral_pending: Vec::new(),
             stats: ShardStats::default(),
         }
     }
@@ -152,6 +160,7 @@ impl Shard {
                     self.online.remove(&identity.user);
                 }
             }
+            self.presence_forgotten(conn_id, identity.user);
         } else {
             self.stats.unauthenticated -= 1;
         }
@@ -199,8 +208,10 @@ impl Shard {
                     up_to_seq,
                 });
             }
-            team => {
-                let unhandled = self.handle_team_request(conn_id, team);
+            other => {
+                let unhandled = self
+                    .handle_team_request(conn_id, other)
+                    .and_then(|other| self.handle_presence_request(conn_id, other, now_ms));
                 debug_assert!(unhandled.is_none(), "request without a handler");
             }
         }
@@ -283,6 +294,7 @@ impl Shard {
         self.stats.unauthenticated -= 1;
         self.stats.logins += 1;
         self.online.entry(user_id).or_default().push(conn_id);
+        self.presence_connected(user_id);
         self.mark_dirty(conn_id);
     }
 
@@ -465,6 +477,9 @@ impl Shard {
                     self.mark_dirty(conn);
                 }
             }
+            msg @ (ShardMsg::Presence { .. } | ShardMsg::Typing { .. }) => {
+                self.handle_ephemeral(msg)
+            }
         }
     }
 
@@ -563,6 +578,7 @@ impl Handler for Shard {
         for (shard, conn) in std::mem::take(&mut self.kicks_pending) {
             self.kick(shard, conn);
         }
+        self.retry_ephemeral();
         let mailboxes = self.ctx.mailboxes.clone();
         let mailbox = &mailboxes[self.id.0 as usize];
         // Bounded: at most what was queued when the turn began, so a busy writer cannot
@@ -603,7 +619,7 @@ impl Handler for Shard {
         if self.ctx.stop.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
         }
-        if !self.kicks_pending.is_empty() {
+        if !self.kicks_pending.is_empty() || !self.ephemeral_pending.is_empty() {
             return Some(Duration::from_millis(1));
         }
         self.wheel.timeout_ms(now_ms).map(Duration::from_millis)

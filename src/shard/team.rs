@@ -25,7 +25,13 @@ impl Shard {
         self.conn_mut(conn_id).and_then(|c| c.identity().cloned())
     }
 
-    fn answer_error(&mut self, conn_id: ConnId, request_id: u32, code: ErrorCode, message: &str) {
+    pub(super) fn answer_error(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        code: ErrorCode,
+        message: &str,
+    ) {
         if let Some(conn) = self.conn_mut(conn_id) {
             conn.reply_error(request_id, code, message);
         }
