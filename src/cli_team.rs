@@ -214,6 +214,7 @@ pub fn entry_json(entry: &ReceivedMessage) -> serde_json::Value {
                 record_kind::GROUP_RENAMED => "group_renamed",
                 record_kind::READ => "read",
                 record_kind::DELIVERED => "delivered",
+                record_kind::FILE_MESSAGE => "file_message",
                 _ => "unknown",
             });
             value["conv"] = json!(record.conv);
@@ -222,6 +223,16 @@ pub fn entry_json(entry: &ReceivedMessage) -> serde_json::Value {
             }
             if !record.users.is_empty() {
                 value["users"] = json!(record.users);
+            }
+            if let Some(a) = &record.attachment {
+                value["file"] = json!({
+                    "file_id": a.file_id,
+                    "name": a.name,
+                    "mime": a.mime,
+                    "size": a.size,
+                    "media": a.media,
+                    "thumbnail_id": a.thumbnail_id,
+                });
             }
             if matches!(record.kind, record_kind::READ | record_kind::DELIVERED) {
                 value["up_to_msg_id"] = json!(record.up_to);
@@ -360,5 +371,62 @@ pub fn presence(login: &Login, users: &[String], watch_s: u64) -> Result<(), Str
         false
     });
     client.close();
+    Ok(())
+}
+
+/// Uploads a file and sends it as a message to a user or a group.
+pub fn upload(
+    login: &Login,
+    path: &std::path::Path,
+    to: Option<&str>,
+    group: Option<u64>,
+    media_kind: &str,
+    mime: &str,
+) -> Result<(), String> {
+    use tern::client::FileMessage;
+    use tern::protocol::media;
+
+    let media = match media_kind {
+        "file" => media::FILE,
+        "image" => media::IMAGE,
+        "voice" => media::VOICE,
+        other => return Err(format!("--media must be file, image or voice, not {other}")),
+    };
+    let data = std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".to_owned());
+    let (info, ack) = with_client(login, |client| {
+        let info = client.upload(&name, mime, &data)?;
+        let message = FileMessage {
+            media,
+            ..FileMessage::default()
+        };
+        let ack = client.send_file(to, group, info.file_id, &message)?;
+        Ok((info, ack))
+    })?;
+    println!(
+        "{}",
+        json!({
+            "file_id": info.file_id,
+            "name": info.name,
+            "size": info.size,
+            "msg_id": ack.msg_id,
+            "seq": ack.seq,
+        })
+    );
+    Ok(())
+}
+
+/// Downloads a file by id into `out` (resuming a partial file already there).
+pub fn download(login: &Login, file_id: u64, out: &std::path::Path) -> Result<(), String> {
+    let mut data = std::fs::read(out).unwrap_or_default();
+    let size = with_client(login, |client| client.download(file_id, &mut data))?;
+    std::fs::write(out, &data).map_err(|e| format!("write {}: {e}", out.display()))?;
+    println!(
+        "{}",
+        json!({ "file_id": file_id, "size": size, "path": out.display().to_string() })
+    );
     Ok(())
 }

@@ -109,6 +109,22 @@ pub const PRESENCE_WATCH_MAX: usize = 256;
 /// Shortest interval between two typing indicators one connection relays; faster ones are
 /// dropped without an answer. A group indicator costs a push to every online member.
 pub const TYPING_INTERVAL_MS_MIN: u64 = 1_000;
+/// Largest file data in one `UploadChunk` or `FileChunk`: leaves room in a frame for the
+/// envelope. A 5 MiB file is ~107 chunks.
+pub const FILE_CHUNK_SIZE_MAX: usize = 48 * 1024;
+/// Largest file. Bounds one upload's temp file and the writer's hash pass at finish
+/// (~0.3 s for 64 MiB on a Cortex-A72).
+pub const FILE_SIZE_MAX: u64 = 64 << 20;
+/// Bytes of files one user may store; an upload past it is refused at start and at finish.
+pub const USER_FILES_BYTES_MAX: u64 = 1 << 30;
+/// Bytes of files the node stores in all: 16 GiB leaves room for the store and the system
+/// on a 32 GB SD card.
+pub const NODE_FILES_BYTES_MAX: u64 = 16 << 30;
+/// Longest file name and MIME type, in bytes.
+pub const FILE_NAME_SIZE_MAX: usize = 255;
+pub const FILE_MIME_SIZE_MAX: usize = 127;
+/// Uploads one connection has open at once; each holds an open temp file.
+pub const UPLOADS_PER_CONNECTION_MAX: usize = 4;
 /// Bytes of the last message shown in a conversation-list preview.
 pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
 
@@ -128,3 +144,7 @@ const _: () = assert!(
 );
 const _: () =
     assert!(PRESENCE_WATCH_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () =
+    assert!(FILE_CHUNK_SIZE_MAX + FILE_NAME_SIZE_MAX + FILE_MIME_SIZE_MAX + 256 < FRAME_SIZE_MAX);
+const _: () = assert!(FILE_SIZE_MAX <= USER_FILES_BYTES_MAX);
+const _: () = assert!(USER_FILES_BYTES_MAX <= NODE_FILES_BYTES_MAX);

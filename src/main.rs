@@ -122,6 +122,29 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         watch: u64,
     },
+    /// Upload a file and send it to a user or a group (prints the file id).
+    Upload {
+        #[command(flatten)]
+        login: cli_team::Login,
+        file: PathBuf,
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        to: Option<String>,
+        #[arg(long)]
+        group: Option<u64>,
+        /// How the message shows the file: file, image or voice.
+        #[arg(long, default_value = "file")]
+        media: String,
+        #[arg(long, default_value = "application/octet-stream")]
+        mime: String,
+    },
+    /// Download a file by id (resumes into an existing partial --out file).
+    Download {
+        #[command(flatten)]
+        login: cli_team::Login,
+        file_id: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Mark a conversation read up to a timeline seq.
     Read {
         #[command(flatten)]
@@ -210,6 +233,19 @@ fn main() -> ExitCode {
             users,
             watch,
         } => cli_team::presence(&login, &users, watch),
+        Command::Upload {
+            login,
+            file,
+            to,
+            group,
+            media,
+            mime,
+        } => cli_team::upload(&login, &file, to.as_deref(), group, &media, &mime),
+        Command::Download {
+            login,
+            file_id,
+            out,
+        } => cli_team::download(&login, file_id, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,7 @@
 //! node enforces; they are related to the node's limits by const assertions below.
 
 mod blocking;
+mod files;
 mod session;
 mod store;
 mod team;
@@ -27,6 +28,7 @@ mod team;
 mod tests;
 
 pub use blocking::{Acked, BlockingClient, ClientError};
+pub use files::FileMessage;
 pub use session::{
     Action, ClientConfig, ClientSession, EntryRecord, Event, Listener, ReceivedMessage, SendError,
 };

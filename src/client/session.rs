@@ -162,8 +162,10 @@ pub struct EntryRecord {
     pub conv: u64,
     /// Members added or removed, or the initial members of a created group.
     pub users: Vec<u64>,
-    /// For a read mark: the last msg id read.
+    /// For a read mark or a delivery receipt: the last msg id it covers.
     pub up_to: u64,
+    /// For a file message: the file it carries.
+    pub attachment: Option<protocol::Attachment>,
 }
 
 impl ReceivedMessage {
@@ -174,12 +176,15 @@ impl ReceivedMessage {
             .and_then(|r| protocol::conv_group(r.conv))
     }
 
-    /// Whether this is a message (1:1 or group) rather than a membership change or a read
-    /// mark.
+    /// Whether this is a message (1:1, group, or carrying a file) rather than a
+    /// membership change, a read mark or a receipt.
     pub fn is_message(&self) -> bool {
-        self.record
-            .as_ref()
-            .is_none_or(|r| r.kind == protocol::record_kind::GROUP_MESSAGE)
+        self.record.as_ref().is_none_or(|r| {
+            matches!(
+                r.kind,
+                protocol::record_kind::GROUP_MESSAGE | protocol::record_kind::FILE_MESSAGE
+            )
+        })
     }
 }
 
@@ -815,7 +820,11 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::HistoryPage
             | Kind::ConversationsPage
             | Kind::ReadOk
-            | Kind::PresenceState => self.on_response(header, payload, now),
+            | Kind::PresenceState
+            | Kind::UploadReady
+            | Kind::UploadAck
+            | Kind::FileInfo
+            | Kind::FileChunk => self.on_response(header, payload, now),
             Kind::PresencePush | Kind::TypingPush => {
                 match team::decode_push(header.kind, payload) {
                     Some(event) => self.events.push_back(event),
@@ -841,7 +850,12 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::Read
             | Kind::PresenceSubscribe
             | Kind::PresenceQuery
-            | Kind::Typing => self.peer_fault(now, "client-only frame kind from node"),
+            | Kind::Typing
+            | Kind::UploadStart
+            | Kind::UploadChunk
+            | Kind::UploadFinish
+            | Kind::FileSend
+            | Kind::Download => self.peer_fault(now, "client-only frame kind from node"),
         }
     }
 
@@ -1491,6 +1505,12 @@ pub(super) fn decode_entry(entry: &ArchivedEntry) -> Option<ReceivedMessage> {
                 conv: record.conv.to_native(),
                 users: record.users.iter().map(|u| u.to_native()).collect(),
                 up_to: record.up_to.to_native(),
+                attachment: match record.attachments.first() {
+                    Some(a) => Some(
+                        rkyv::deserialize::<protocol::Attachment, rkyv::rancor::Failure>(a).ok()?,
+                    ),
+                    None => None,
+                },
             }),
         });
     }

@@ -16,11 +16,13 @@ use super::session::{ClientSession, Event, ReceivedMessage, decode_entry};
 use super::store::ClientStore;
 use crate::limits::{GROUP_NAME_SIZE_MAX, MESSAGE_TEXT_SIZE_MAX, USER_NAME_SIZE_MAX};
 use crate::protocol::{
-    self, ArchivedConversationsPage, ArchivedErrorBody, ArchivedGroupInfo, ArchivedGroupListPage,
-    ArchivedHistoryPage, ArchivedPresencePush, ArchivedPresenceState, ArchivedReadOk,
-    ArchivedSendAck, ArchivedTypingPush, Conversations, ConversationsPage, GroupInfo, GroupList,
-    GroupListPage, GroupOp, GroupQuery, GroupSend, History, Kind, PresenceItem, PresenceQuery,
-    PresenceState, PresenceSubscribe, Read, ReadOk, SendAck, Typing, group_op,
+    self, ArchivedConversationsPage, ArchivedErrorBody, ArchivedFileChunk, ArchivedFileInfo,
+    ArchivedGroupInfo, ArchivedGroupListPage, ArchivedHistoryPage, ArchivedPresencePush,
+    ArchivedPresenceState, ArchivedReadOk, ArchivedSendAck, ArchivedTypingPush, ArchivedUploadAck,
+    ArchivedUploadReady, Conversations, ConversationsPage, FileChunk, FileInfo, GroupInfo,
+    GroupList, GroupListPage, GroupOp, GroupQuery, GroupSend, History, Kind, PresenceItem,
+    PresenceQuery, PresenceState, PresenceSubscribe, Read, ReadOk, SendAck, Typing, UploadAck,
+    UploadReady, group_op,
 };
 
 /// The answer to one team request.
@@ -38,6 +40,10 @@ pub enum TeamAnswer {
     /// A group send was stored durably.
     Sent(SendAck),
     Presence(PresenceState),
+    UploadReady(UploadReady),
+    UploadAck(UploadAck),
+    File(FileInfo),
+    Chunk(FileChunk),
     /// The node refused the request (`code` is an `ErrorCode` number).
     Failed {
         code: u16,
@@ -84,6 +90,22 @@ pub(super) fn decode_answer(kind: Kind, payload: &[u8]) -> Option<TeamAnswer> {
         Kind::PresenceState => {
             let state = protocol::access::<ArchivedPresenceState>(kind, payload).ok()?;
             TeamAnswer::Presence(rkyv::deserialize::<PresenceState, Failure>(state).ok()?)
+        }
+        Kind::UploadReady => {
+            let ready = protocol::access::<ArchivedUploadReady>(kind, payload).ok()?;
+            TeamAnswer::UploadReady(rkyv::deserialize::<UploadReady, Failure>(ready).ok()?)
+        }
+        Kind::UploadAck => {
+            let ack = protocol::access::<ArchivedUploadAck>(kind, payload).ok()?;
+            TeamAnswer::UploadAck(rkyv::deserialize::<UploadAck, Failure>(ack).ok()?)
+        }
+        Kind::FileInfo => {
+            let info = protocol::access::<ArchivedFileInfo>(kind, payload).ok()?;
+            TeamAnswer::File(rkyv::deserialize::<FileInfo, Failure>(info).ok()?)
+        }
+        Kind::FileChunk => {
+            let chunk = protocol::access::<ArchivedFileChunk>(kind, payload).ok()?;
+            TeamAnswer::Chunk(rkyv::deserialize::<FileChunk, Failure>(chunk).ok()?)
         }
         Kind::Error => {
             let body = protocol::access::<ArchivedErrorBody>(kind, payload).ok()?;
@@ -250,7 +272,7 @@ impl<S: ClientStore> ClientSession<S> {
 
 /// What a blocking call does when the connection drops before the answer.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum OnLost {
+pub(super) enum OnLost {
     /// Ask again on the next connection (reads and deduplicated sends).
     Retry,
     /// Fail with `ClientError::Lost` (operations that must not run twice).
@@ -259,7 +281,7 @@ enum OnLost {
 
 impl<S: ClientStore> BlockingClient<S> {
     /// Issues a team request with `make` and waits for its answer.
-    fn team_call(
+    pub(super) fn team_call(
         &mut self,
         on_lost: OnLost,
         mut make: impl FnMut(&mut ClientSession<S>, Instant) -> Option<u32>,

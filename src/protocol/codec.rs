@@ -46,6 +46,16 @@ pub enum Kind {
     PresencePush = 30,
     Typing = 31,
     TypingPush = 32,
+    // Files (src/protocol/files.rs).
+    UploadStart = 33,
+    UploadReady = 34,
+    UploadChunk = 35,
+    UploadAck = 36,
+    UploadFinish = 37,
+    FileInfo = 38,
+    FileSend = 39,
+    Download = 40,
+    FileChunk = 41,
 }
 
 impl Kind {
@@ -84,6 +94,15 @@ impl Kind {
             30 => PresencePush,
             31 => Typing,
             32 => TypingPush,
+            33 => UploadStart,
+            34 => UploadReady,
+            35 => UploadChunk,
+            36 => UploadAck,
+            37 => UploadFinish,
+            38 => FileInfo,
+            39 => FileSend,
+            40 => Download,
+            41 => FileChunk,
             _ => return None,
         })
     }

@@ -43,6 +43,14 @@ pub enum ErrorCode {
     /// The group would exceed `GROUP_MEMBERS_MAX` members, or a user `USER_GROUPS_MAX`
     /// groups. The connection stays open.
     GroupFull = 18,
+    /// The upload would exceed the user's or the node's file quota. The connection stays
+    /// open.
+    QuotaExceeded = 19,
+    /// No file (or no upload in progress on this connection) has this id.
+    UnknownFile = 20,
+    /// An upload's bytes do not match what its start announced (size or SHA-256), or a
+    /// chunk's offset is not where the upload stands. The connection stays open.
+    FileMismatch = 21,
 }
 
 impl ErrorCode {
@@ -67,6 +75,9 @@ impl ErrorCode {
             16 => NotMember,
             17 => NotOwner,
             18 => GroupFull,
+            19 => QuotaExceeded,
+            20 => UnknownFile,
+            21 => FileMismatch,
             _ => return None,
         })
     }
@@ -108,6 +119,9 @@ impl ErrorCode {
             NotMember => "not_member",
             NotOwner => "not_owner",
             GroupFull => "group_full",
+            QuotaExceeded => "quota_exceeded",
+            UnknownFile => "unknown_file",
+            FileMismatch => "file_mismatch",
         }
     }
 }
@@ -118,12 +132,12 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in 1..=18u16 {
+        for code in 1..=21u16 {
             let e = ErrorCode::from_u16(code).unwrap();
             assert_eq!(e as u16, code);
             assert!(!e.name().is_empty());
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(19), None);
+        assert_eq!(ErrorCode::from_u16(22), None);
     }
 }

@@ -7,6 +7,7 @@
 
 mod codec;
 mod error;
+mod files;
 mod messages;
 mod presence;
 mod team;
@@ -16,6 +17,7 @@ pub use codec::{
     read_header,
 };
 pub use error::ErrorCode;
+pub use files::*;
 pub use messages::*;
 pub use presence::*;
 pub use team::*;

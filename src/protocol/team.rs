@@ -54,6 +54,10 @@ pub mod record_kind {
     /// Delivery receipt: a device of `from` stored this user's messages in conversation
     /// `conv` (as `from` names it) up to and including msg id `up_to`.
     pub const DELIVERED: u16 = 8;
+    /// A message carrying a file (`attachments`, caption in `text`), 1:1 or to a group.
+    /// For 1:1, `conv` is the recipient's id: the sender's conversation is `conv`, the
+    /// recipient's is `from_id`.
+    pub const FILE_MESSAGE: u16 = 9;
 }
 
 /// A stored timeline record (after `RECORD_MARKER`). Fields a kind does not use are 0 or
@@ -76,6 +80,8 @@ pub struct Record {
     pub up_to: u64,
     /// Message text, or the group name.
     pub text: String,
+    /// `FILE_MESSAGE`: the file (exactly one); empty otherwise.
+    pub attachments: Vec<super::Attachment>,
 }
 
 /// `GroupOp.op` values.
@@ -258,7 +264,7 @@ mod tests {
     #[test]
     fn archived_sizes_match_the_documentation() {
         use std::mem::size_of;
-        assert_eq!(size_of::<ArchivedRecord>(), 74);
+        assert_eq!(size_of::<ArchivedRecord>(), 82);
         assert_eq!(size_of::<ArchivedGroupOp>(), 25);
         assert_eq!(size_of::<ArchivedGroupQuery>(), 8);
         assert_eq!(size_of::<ArchivedGroupMember>(), 17);

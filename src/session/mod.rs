@@ -118,6 +118,44 @@ pub enum Request {
         request_id: u32,
         conv: u64,
     },
+    // Files (`session::files`, `shard::files`).
+    UploadStart {
+        request_id: u32,
+        name: String,
+        mime: String,
+        size: u64,
+        sha256: [u8; 32],
+    },
+    UploadChunk {
+        request_id: u32,
+        upload_id: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    UploadFinish {
+        request_id: u32,
+        upload_id: u64,
+    },
+    FileSend {
+        request_id: u32,
+        /// Empty for a group message.
+        to: String,
+        group_id: u64,
+        client_msg_id: u64,
+        file_id: u64,
+        thumbnail_id: u64,
+        media: u8,
+        duration_ms: u32,
+        width: u32,
+        height: u32,
+        text: String,
+    },
+    Download {
+        request_id: u32,
+        file_id: u64,
+        offset: u64,
+        length: u32,
+    },
 }
 
 /// Settings the node announces to every connection.
@@ -476,6 +514,9 @@ fn handle_frame(
         (Phase::Established, kind) if team::is_team_request(kind) => {
             team::handle_frame(out, header, payload, requests)
         }
+        (Phase::Established, kind) if files::is_file_request(kind) => {
+            files::handle_frame(out, header, payload, requests)
+        }
         (_, kind) => Err((
             id,
             ErrorCode::ProtocolViolation,
@@ -498,6 +539,7 @@ fn answer_ping(out: &mut Vec<u8>, header: FrameHeader, payload: &[u8]) -> Result
     Ok(())
 }
 
+mod files;
 mod team;
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! and learns of commits through its mailbox. Architecture invariant: a shard thread never
 //! blocks outside its backend's wait, except for a password hash at first login.
 
+mod files;
 pub mod mailbox;
 mod presence;
 mod team;
@@ -81,6 +82,9 @@ pub struct Shard {
     /// Presence changes and typing indicators for other shards whose mailboxes were full;
     /// retried next turn.
     ephemeral_pending: Vec<(ShardId, ShardMsg)>,
+    /// Uploads in progress per connection (at most `UPLOADS_PER_CONNECTION_MAX` each).
+    uploads: HashMap<ConnId, Vec<files::Upload>>,
+    next_upload_id: u64,
     stats: ShardStats,
 }
 
@@ -101,6 +105,8 @@ impl Shard {
             kicks_pending: Vec::new(),
             presence_conns: HashMap::new(),
             ephemeral_pending: Vec::new(),
+            uploads: HashMap::new(),
+            next_upload_id: 0,
             stats: ShardStats::default(),
         }
     }
@@ -150,6 +156,8 @@ impl Shard {
         }
         let conn = slot.conn.take()?;
         self.stats.connections -= 1;
+        // The temp files stay: a later start of the same content resumes them.
+        self.uploads.remove(&conn_id);
         if let Some(identity) = conn.identity() {
             self.ctx
                 .directory
@@ -211,7 +219,8 @@ impl Shard {
             other => {
                 let unhandled = self
                     .handle_team_request(conn_id, other)
-                    .and_then(|other| self.handle_presence_request(conn_id, other, now_ms));
+                    .and_then(|other| self.handle_presence_request(conn_id, other, now_ms))
+                    .and_then(|other| self.handle_file_request(conn_id, other));
                 debug_assert!(unhandled.is_none(), "request without a handler");
             }
         }

@@ -39,7 +39,7 @@ impl Shard {
     }
 
     /// Hands `op` to the writer, counting it against the connection's in-flight bound.
-    fn submit(&mut self, conn_id: ConnId, request_id: u32, op: WriteOp) {
+    pub(super) fn submit(&mut self, conn_id: ConnId, request_id: u32, op: WriteOp) {
         let Some(conn) = self.conn_mut(conn_id) else {
             return;
         };
@@ -320,6 +320,7 @@ impl Shard {
         match reply {
             Reply::Group(info) => conn.reply(Kind::GroupInfo, request_id, &info),
             Reply::Read(ok) => conn.reply(Kind::ReadOk, request_id, &ok),
+            Reply::File(info) => conn.reply(Kind::FileInfo, request_id, &info),
         }
         self.mark_dirty(conn_id);
     }

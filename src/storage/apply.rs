@@ -9,6 +9,7 @@ use std::sync::Arc;
 use heed::{PutFlags, RwTxn};
 
 use super::conversations::{self, NoteKind};
+use super::files::{self, FileCommitFields, FileSendFields};
 use super::groups::{self, GroupOpFields, GroupSendFields};
 use super::receipts;
 use super::schema::{self, Dbs, DedupEntry, DeviceKey, META_NEXT_MSG_ID};
@@ -28,7 +29,9 @@ pub(super) fn check(op: &WriteOp) -> Result<(), StoreError> {
         WriteOp::Send { .. }
         | WriteOp::GroupOp { .. }
         | WriteOp::GroupSend { .. }
-        | WriteOp::Read { .. } => Ok(()),
+        | WriteOp::Read { .. }
+        | WriteOp::FileCommit { .. }
+        | WriteOp::FileSend(_) => Ok(()),
         WriteOp::DeviceAck { user, device, .. } => match DeviceKey::new(*user, device) {
             Some(_) => Ok(()),
             None => Err(StoreError::InvalidArgument("device name")),
@@ -136,6 +139,46 @@ pub(super) fn in_one_txn(
                     &mut txn, dbs, *origin, *user, user_name, *conv, *up_to_seq, *at_ms, results,
                     deliveries,
                 )?;
+            }
+            WriteOp::FileCommit {
+                origin,
+                owner,
+                name,
+                mime,
+                size,
+                sha256,
+                at_ms,
+            } => {
+                let fields = FileCommitFields {
+                    origin: *origin,
+                    owner: *owner,
+                    name,
+                    mime,
+                    size: *size,
+                    sha256: *sha256,
+                    files_dir: store.files_dir(),
+                    at_ms: *at_ms,
+                };
+                files::apply_file_commit(&mut txn, dbs, fields, results)?;
+            }
+            WriteOp::FileSend(op) => {
+                let fields = FileSendFields {
+                    origin: op.origin,
+                    from: op.from,
+                    from_name: &op.from_name,
+                    to: op.to,
+                    group_id: op.group_id,
+                    client_msg_id: op.client_msg_id,
+                    file_id: op.file_id,
+                    thumbnail_id: op.thumbnail_id,
+                    media: op.media,
+                    duration_ms: op.duration_ms,
+                    width: op.width,
+                    height: op.height,
+                    text: &op.text,
+                    sent_at_ms: op.sent_at_ms,
+                };
+                files::apply_file_send(&mut txn, dbs, fields, results, deliveries)?;
             }
         }
     }

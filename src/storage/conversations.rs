@@ -273,6 +273,7 @@ pub(super) fn apply_read(
         sent_at_ms: at_ms,
         up_to: last_read_msg,
         text: String::new(),
+        attachments: Vec::new(),
     };
     let bytes: Arc<[u8]> = archive_record(&record)?.into();
     put_message(txn, dbs, msg_id, &bytes)?;

@@ -483,6 +483,7 @@ fn membership_record(op: &GroupOpFields<'_>, kind: u16, users: &[UserId], name: 
         } else {
             String::new()
         },
+        attachments: Vec::new(),
     }
 }
 
@@ -593,6 +594,7 @@ pub(super) fn apply_group_send(
         sent_at_ms: send.sent_at_ms,
         up_to: 0,
         text: send.text.to_owned(),
+        attachments: Vec::new(),
     };
     let (msg_id, from_seq) = fan_out(
         txn,

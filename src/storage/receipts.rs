@@ -126,6 +126,7 @@ pub(super) fn on_device_ack(
             sent_at_ms: at_ms,
             up_to,
             text: String::new(),
+            attachments: Vec::new(),
         };
         let bytes: Arc<[u8]> = archive_record(&record)?.into();
         put_message(txn, dbs, msg_id, &bytes)?;

@@ -20,6 +20,12 @@
 //! | `convs`       | user id u64 ‖ conv u64            | `ConvState` (5 × u64)                 |
 //! | `conv_recent` | user id u64 ‖ last seq u64        | conv u64                              |
 //! | `delivered`   | user id u64                       | seq u64: delivery receipts sent up to |
+//! | `files`       | file id u64                       | `FileMeta` (owner, size, time, SHA-256, name, MIME) |
+//! | `file_shares` | file id u64 ‖ user id or group conv u64 | empty: who may download       |
+//! | `file_usage`  | user id u64                       | bytes of files the user stored u64    |
+//!
+//! File contents live outside LMDB, in `<data>/files/<sha256 hex>` (content-addressed,
+//! written to `files/tmp/` first, fsynced and renamed into place).
 //!
 //! `messages` also holds records (group messages, membership changes, read marks): the
 //! value is then `protocol::RECORD_MARKER` followed by an archived `protocol::Record`.
@@ -49,12 +55,15 @@ pub(crate) type Db = heed::Database<'static, Bytes, Bytes>;
 pub(crate) const SCHEMA_VERSION: u64 = 1;
 
 /// Named databases in the schema; `max_dbs` of the environment.
-pub(crate) const DATABASES_MAX: u32 = 16;
+pub(crate) const DATABASES_MAX: u32 = 24;
 
 pub(crate) const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub(crate) const META_NEXT_USER_ID: &[u8] = b"next_user_id";
 pub(crate) const META_NEXT_MSG_ID: &[u8] = b"next_msg_id";
 pub(crate) const META_NEXT_GROUP_ID: &[u8] = b"next_group_id";
+pub(crate) const META_NEXT_FILE_ID: &[u8] = b"next_file_id";
+/// Bytes of files the node stores (u64; absent: 0).
+pub(crate) const META_FILES_BYTES: &[u8] = b"files_bytes";
 
 /// Value of a `dedup` entry: what a resend's ack repeats.
 pub(crate) const DEDUP_VALUE_SIZE: usize = 24;
@@ -78,6 +87,9 @@ pub(crate) struct Dbs {
     pub convs: Db,
     pub conv_recent: Db,
     pub delivered: Db,
+    pub files: Db,
+    pub file_shares: Db,
+    pub file_usage: Db,
 }
 
 /// Creates (or opens) every database and records the schema version, in one transaction.
@@ -112,6 +124,11 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
                     opener.create_database(wtxn, Some("conv_recent"))?,
                     opener.create_database(wtxn, Some("delivered"))?,
                 ),
+                (
+                    opener.create_database(wtxn, Some("files"))?,
+                    opener.create_database(wtxn, Some("file_shares"))?,
+                    opener.create_database(wtxn, Some("file_usage"))?,
+                ),
             )))
         })
         .map_err(StoreError::lmdb("create databases"))?;
@@ -126,6 +143,7 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             dedup,
             device_acks,
             (groups, members, user_groups, conv_entries, convs, conv_recent, delivered),
+            (files, file_shares, file_usage),
         )) => Ok(Dbs {
             meta,
             users,
@@ -142,6 +160,9 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             convs,
             conv_recent,
             delivered,
+            files,
+            file_shares,
+            file_usage,
         }),
         CommitOrAbort::Abort(error) => Err(error),
     }

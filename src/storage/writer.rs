@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use super::{Store, StoreError, apply};
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::limits::{WRITER_BATCH_MAX, WRITER_QUEUE_MAX};
-use crate::protocol::{ErrorCode, GroupInfo, ReadOk, SendAck};
+use crate::protocol::{ErrorCode, FileInfo, GroupInfo, ReadOk, SendAck};
 
 /// Where a send came from, so its result finds its way back to the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +83,39 @@ pub enum WriteOp {
         up_to_seq: u64,
         at_ms: u64,
     },
+    /// Finishes an upload whose bytes are in `files/tmp` (see `storage::files`): checks
+    /// quota, size and SHA-256, publishes the blob, records the file. `Reply::File`.
+    FileCommit {
+        origin: Origin,
+        owner: UserId,
+        name: String,
+        mime: String,
+        size: u64,
+        sha256: [u8; 32],
+        at_ms: u64,
+    },
+    /// A message carrying a file, 1:1 (`to`) or to a group. Answered like a send. Boxed:
+    /// it is the largest op, and every queue slot would pay for it.
+    FileSend(Box<FileSendOp>),
+}
+
+/// The fields of `WriteOp::FileSend`.
+#[derive(Debug)]
+pub struct FileSendOp {
+    pub origin: Origin,
+    pub from: UserId,
+    pub from_name: String,
+    pub to: Option<UserId>,
+    pub group_id: u64,
+    pub client_msg_id: u64,
+    pub file_id: u64,
+    pub thumbnail_id: u64,
+    pub media: u8,
+    pub duration_ms: u32,
+    pub width: u32,
+    pub height: u32,
+    pub text: String,
+    pub sent_at_ms: u64,
 }
 
 /// The answer to an op other than a send.
@@ -90,6 +123,7 @@ pub enum WriteOp {
 pub enum Reply {
     Group(GroupInfo),
     Read(ReadOk),
+    File(FileInfo),
 }
 
 /// The outcome of one `WriteOp::Send`.
@@ -343,7 +377,9 @@ fn op_origin(op: &WriteOp) -> Option<Origin> {
         WriteOp::Send { origin, .. }
         | WriteOp::GroupOp { origin, .. }
         | WriteOp::GroupSend { origin, .. }
-        | WriteOp::Read { origin, .. } => Some(*origin),
+        | WriteOp::Read { origin, .. }
+        | WriteOp::FileCommit { origin, .. } => Some(*origin),
+        WriteOp::FileSend(op) => Some(op.origin),
         WriteOp::DeviceAck { .. } => None,
     }
 }
