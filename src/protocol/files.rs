@@ -126,8 +126,8 @@ mod tests {
         assert_eq!(size_of::<ArchivedUploadAck>(), 16);
         assert_eq!(size_of::<ArchivedUploadFinish>(), 8);
         assert_eq!(size_of::<ArchivedFileInfo>(), 40);
-        assert_eq!(size_of::<ArchivedAttachment>(), 61);
-        assert_eq!(size_of::<ArchivedFileSend>(), 65);
+        assert_eq!(size_of::<ArchivedAttachment>(), 53);
+        assert_eq!(size_of::<ArchivedFileSend>(), 61);
         assert_eq!(size_of::<ArchivedDownload>(), 20);
         assert_eq!(size_of::<ArchivedFileChunk>(), 32);
     }
