@@ -1,33 +1,20 @@
 //! `tern group …`, `tern history`, `tern conversations` and `tern read`: one-shot team
 //! messaging clients over the blocking SDK driver, printing JSON, one object per line.
 
-use std::net::SocketAddr;
-
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use serde_json::json;
 
-use tern::client::{BlockingClient, ClientConfig, ClientError, ReceivedMessage};
-use tern::protocol::{GroupInfo, conv_group, group_conv, record_kind};
+use tern::client::{BlockingClient, ClientError, ReceivedMessage};
 
-/// Where and as whom to connect.
-#[derive(Args, Clone)]
-pub struct Login {
-    #[arg(long, default_value = "127.0.0.1:7420")]
-    pub server: SocketAddr,
-    #[arg(long)]
-    pub user: String,
-    #[arg(long)]
-    pub password: String,
-    #[arg(long, default_value = "cli")]
-    pub device: String,
-}
+use crate::cli_client::{Account, connect, describe};
+use tern::protocol::{GroupInfo, conv_group, group_conv, record_kind};
 
 #[derive(Subcommand)]
 pub enum GroupCommand {
     /// Create a group owned by --user with the named members; prints the group.
     Create {
         #[command(flatten)]
-        login: Login,
+        account: Account,
         name: String,
         /// Member user names (the owner is added anyway).
         #[arg(long = "member", num_args = 1..)]
@@ -36,7 +23,7 @@ pub enum GroupCommand {
     /// Add members to a group.
     Add {
         #[command(flatten)]
-        login: Login,
+        account: Account,
         group: u64,
         #[arg(required = true)]
         users: Vec<String>,
@@ -44,7 +31,7 @@ pub enum GroupCommand {
     /// Remove members from a group (owner only).
     Remove {
         #[command(flatten)]
-        login: Login,
+        account: Account,
         group: u64,
         #[arg(required = true)]
         users: Vec<String>,
@@ -52,55 +39,39 @@ pub enum GroupCommand {
     /// Leave a group.
     Leave {
         #[command(flatten)]
-        login: Login,
+        account: Account,
         group: u64,
     },
     /// Rename a group.
     Rename {
         #[command(flatten)]
-        login: Login,
+        account: Account,
         group: u64,
         name: String,
     },
     /// Print one group with its members.
     Info {
         #[command(flatten)]
-        login: Login,
+        account: Account,
         group: u64,
     },
     /// Print the user's groups, one per line.
     List {
         #[command(flatten)]
-        login: Login,
+        account: Account,
     },
     /// Send a message to a group and wait for its durable ack.
     Send {
         #[command(flatten)]
-        login: Login,
+        account: Account,
         group: u64,
         text: String,
     },
 }
 
-fn connect(login: &Login) -> Result<BlockingClient, String> {
-    let config = ClientConfig::new(&login.user, &login.device).with_password(&login.password);
-    let mut client = BlockingClient::new(login.server, config);
-    client.connect().map_err(|e| describe(login.server, e))?;
-    Ok(client)
-}
-
-fn describe(server: SocketAddr, error: ClientError) -> String {
-    match error {
-        ClientError::Offline {
-            last_error: Some(e),
-        } => format!("cannot reach {server}: {e}"),
-        other => other.to_string(),
-    }
-}
-
 /// Runs `f` on a connected client, then closes it.
 fn with_client<T>(
-    login: &Login,
+    login: &Account,
     f: impl FnOnce(&mut BlockingClient) -> Result<T, ClientError>,
 ) -> Result<T, String> {
     let mut client = connect(login)?;
@@ -127,43 +98,47 @@ fn group_json(info: &GroupInfo) -> serde_json::Value {
 pub fn group(command: GroupCommand) -> Result<(), String> {
     match command {
         GroupCommand::Create {
-            login,
+            account,
             name,
             members,
         } => {
-            let info = with_client(&login, |c| c.group_create(&name, &members))?;
+            let info = with_client(&account, |c| c.group_create(&name, &members))?;
             println!("{}", group_json(&info));
         }
         GroupCommand::Add {
-            login,
+            account,
             group,
             users,
         } => {
-            let info = with_client(&login, |c| c.group_add(group, &users))?;
+            let info = with_client(&account, |c| c.group_add(group, &users))?;
             println!("{}", group_json(&info));
         }
         GroupCommand::Remove {
-            login,
+            account,
             group,
             users,
         } => {
-            let info = with_client(&login, |c| c.group_remove(group, &users))?;
+            let info = with_client(&account, |c| c.group_remove(group, &users))?;
             println!("{}", group_json(&info));
         }
-        GroupCommand::Leave { login, group } => {
-            let info = with_client(&login, |c| c.group_leave(group))?;
+        GroupCommand::Leave { account, group } => {
+            let info = with_client(&account, |c| c.group_leave(group))?;
             println!("{}", json!({ "group_id": info.group_id, "left": true }));
         }
-        GroupCommand::Rename { login, group, name } => {
-            let info = with_client(&login, |c| c.group_rename(group, &name))?;
+        GroupCommand::Rename {
+            account,
+            group,
+            name,
+        } => {
+            let info = with_client(&account, |c| c.group_rename(group, &name))?;
             println!("{}", group_json(&info));
         }
-        GroupCommand::Info { login, group } => {
-            let info = with_client(&login, |c| c.group_info(group))?;
+        GroupCommand::Info { account, group } => {
+            let info = with_client(&account, |c| c.group_info(group))?;
             println!("{}", group_json(&info));
         }
-        GroupCommand::List { login } => {
-            let groups = with_client(&login, |c| c.group_list())?;
+        GroupCommand::List { account } => {
+            let groups = with_client(&account, |c| c.group_list())?;
             for g in groups {
                 println!(
                     "{}",
@@ -177,8 +152,12 @@ pub fn group(command: GroupCommand) -> Result<(), String> {
                 );
             }
         }
-        GroupCommand::Send { login, group, text } => {
-            let ack = with_client(&login, |c| c.group_send(group, &text))?;
+        GroupCommand::Send {
+            account,
+            group,
+            text,
+        } => {
+            let ack = with_client(&account, |c| c.group_send(group, &text))?;
             println!(
                 "{}",
                 json!({
@@ -273,7 +252,7 @@ fn conversation(
 }
 
 pub fn history(
-    login: &Login,
+    login: &Account,
     group: Option<u64>,
     with: Option<&str>,
     before: u64,
@@ -296,7 +275,7 @@ pub fn history(
     })
 }
 
-pub fn conversations(login: &Login, offset: u32, limit: u32) -> Result<(), String> {
+pub fn conversations(login: &Account, offset: u32, limit: u32) -> Result<(), String> {
     let page = with_client(login, |c| c.conversations(offset, limit))?;
     for item in page.items {
         println!(
@@ -318,7 +297,7 @@ pub fn conversations(login: &Login, offset: u32, limit: u32) -> Result<(), Strin
     Ok(())
 }
 
-pub fn read(login: &Login, conv: u64, up_to: u64) -> Result<(), String> {
+pub fn read(login: &Account, conv: u64, up_to: u64) -> Result<(), String> {
     let ok = with_client(login, |c| c.read(conv, up_to))?;
     println!(
         "{}",
@@ -328,7 +307,7 @@ pub fn read(login: &Login, conv: u64, up_to: u64) -> Result<(), String> {
 }
 
 /// Prints the users' presence, then (with `watch_s` > 0) each change for that long.
-pub fn presence(login: &Login, users: &[String], watch_s: u64) -> Result<(), String> {
+pub fn presence(login: &Account, users: &[String], watch_s: u64) -> Result<(), String> {
     use std::time::{Duration, Instant};
     use tern::client::Event;
 
@@ -376,7 +355,7 @@ pub fn presence(login: &Login, users: &[String], watch_s: u64) -> Result<(), Str
 
 /// Uploads a file and sends it as a message to a user or a group.
 pub fn upload(
-    login: &Login,
+    login: &Account,
     path: &std::path::Path,
     to: Option<&str>,
     group: Option<u64>,
@@ -420,7 +399,7 @@ pub fn upload(
 }
 
 /// Downloads a file by id into `out` (resuming a partial file already there).
-pub fn download(login: &Login, file_id: u64, out: &std::path::Path) -> Result<(), String> {
+pub fn download(login: &Account, file_id: u64, out: &std::path::Path) -> Result<(), String> {
     let mut data = std::fs::read(out).unwrap_or_default();
     let size = with_client(login, |client| client.download(file_id, &mut data))?;
     std::fs::write(out, &data).map_err(|e| format!("write {}: {e}", out.display()))?;

@@ -22,8 +22,8 @@ pub const TOKEN_SIZE_MAX: usize = 256;
 /// Error and kick messages sent by the node are cut to this length.
 pub const ERROR_MESSAGE_SIZE_MAX: usize = 256;
 
-/// Most timeline entries in one sync page. 100 entries of the largest text stay under
-/// `FRAME_SIZE_MAX` only for small texts, so a page also stops at `SYNC_PAGE_BYTES_MAX`.
+/// Most timeline entries in one sync page (also what `limit = 0` asks for). Entries of the
+/// largest text would not fit 256 to a frame, so a page also stops at `SYNC_PAGE_BYTES_MAX`.
 pub const SYNC_PAGE_ENTRIES_MAX: u32 = 256;
 /// Byte budget of the entries in one sync page or one push frame.
 pub const SYNC_PAGE_BYTES_MAX: usize = FRAME_SIZE_MAX - 1024;

@@ -53,28 +53,16 @@ enum Command {
     },
     /// Send one message and wait for its durable ack; prints one JSON object.
     Send {
-        #[arg(long, default_value = "127.0.0.1:7420")]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
-        #[arg(long, default_value = "cli")]
-        device: String,
+        #[command(flatten)]
+        account: cli_client::Account,
         #[arg(long)]
         to: String,
         text: String,
     },
     /// Print the timeline after a seq, one JSON object per entry and line.
     Sync {
-        #[arg(long, default_value = "127.0.0.1:7420")]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
-        #[arg(long, default_value = "cli")]
-        device: String,
+        #[command(flatten)]
+        account: cli_client::Account,
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
@@ -86,7 +74,7 @@ enum Command {
     /// Page backwards through one conversation, newest first (JSON lines).
     History {
         #[command(flatten)]
-        login: cli_team::Login,
+        account: cli_client::Account,
         /// A group conversation.
         #[arg(long, conflicts_with = "with")]
         group: Option<u64>,
@@ -106,7 +94,7 @@ enum Command {
     /// The user's conversations by last activity, with unread counts (JSON lines).
     Conversations {
         #[command(flatten)]
-        login: cli_team::Login,
+        account: cli_client::Account,
         #[arg(long, default_value_t = 0)]
         offset: u32,
         #[arg(long, default_value_t = 0)]
@@ -115,7 +103,7 @@ enum Command {
     /// Print users' presence (JSON lines); with --watch, also their changes for that long.
     Presence {
         #[command(flatten)]
-        login: cli_team::Login,
+        account: cli_client::Account,
         #[arg(required = true)]
         users: Vec<String>,
         /// Seconds to watch for changes (0: just print the presence now).
@@ -125,7 +113,7 @@ enum Command {
     /// Upload a file and send it to a user or a group (prints the file id).
     Upload {
         #[command(flatten)]
-        login: cli_team::Login,
+        account: cli_client::Account,
         file: PathBuf,
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
         to: Option<String>,
@@ -140,7 +128,7 @@ enum Command {
     /// Download a file by id (resumes into an existing partial --out file).
     Download {
         #[command(flatten)]
-        login: cli_team::Login,
+        account: cli_client::Account,
         file_id: u64,
         #[arg(long)]
         out: PathBuf,
@@ -148,7 +136,7 @@ enum Command {
     /// Mark a conversation read up to a timeline seq.
     Read {
         #[command(flatten)]
-        login: cli_team::Login,
+        account: cli_client::Account,
         /// Conversation id (as printed by `tern conversations`).
         conv: u64,
         up_to_seq: u64,
@@ -194,58 +182,45 @@ fn main() -> ExitCode {
                     data,
                 },
         } => user_add(&data, &name, &password),
-        Command::Send {
-            server,
-            user,
-            password,
-            device,
-            to,
-            text,
-        } => cli_client::send(server, &user, &password, &device, &to, &text),
-        Command::Sync {
-            server,
-            user,
-            password,
-            device,
-            after,
-        } => cli_client::sync(server, &user, &password, &device, after),
+        Command::Send { account, to, text } => cli_client::send(&account, &to, &text),
+        Command::Sync { account, after } => cli_client::sync(&account, after),
         Command::Group { command } => cli_team::group(command),
         Command::History {
-            login,
+            account,
             group,
             with,
             before,
             limit,
             all,
-        } => cli_team::history(&login, group, with.as_deref(), before, limit, all),
+        } => cli_team::history(&account, group, with.as_deref(), before, limit, all),
         Command::Conversations {
-            login,
+            account,
             offset,
             limit,
-        } => cli_team::conversations(&login, offset, limit),
+        } => cli_team::conversations(&account, offset, limit),
         Command::Read {
-            login,
+            account,
             conv,
             up_to_seq,
-        } => cli_team::read(&login, conv, up_to_seq),
+        } => cli_team::read(&account, conv, up_to_seq),
         Command::Presence {
-            login,
+            account,
             users,
             watch,
-        } => cli_team::presence(&login, &users, watch),
+        } => cli_team::presence(&account, &users, watch),
         Command::Upload {
-            login,
+            account,
             file,
             to,
             group,
             media,
             mime,
-        } => cli_team::upload(&login, &file, to.as_deref(), group, &media, &mime),
+        } => cli_team::upload(&account, &file, to.as_deref(), group, &media, &mime),
         Command::Download {
-            login,
+            account,
             file_id,
             out,
-        } => cli_team::download(&login, file_id, &out),
+        } => cli_team::download(&account, file_id, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

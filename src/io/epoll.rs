@@ -20,6 +20,9 @@ const WAKER: Token = Token(usize::MAX - 2);
 
 /// Shard-wide read buffer.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
+/// Capacity an empty output buffer keeps (enough for the small frames of a quiet
+/// connection: pongs, acks, one-message pushes); larger buffers are freed once written.
+const OUTPUT_BUFFER_KEEP_MAX: usize = 1024;
 /// Bytes read from one connection per turn before others get their turn.
 const READ_TURN_BYTES_MAX: usize = 4 * READ_BUFFER_SIZE;
 /// Readiness events taken per wait.
@@ -200,11 +203,10 @@ impl EpollBackend {
                 Err(_) => return false,
             }
         }
-        if sock.backlog.is_empty() {
-            // Give the memory back: a stalled peer's backlog can be large.
-            if sock.backlog.capacity() > READ_BUFFER_SIZE {
-                sock.backlog = Vec::new();
-            }
+        if sock.backlog.is_empty() && sock.backlog.capacity() > OUTPUT_BUFFER_KEEP_MAX {
+            // Give the memory back: after a sync page or a stalled peer's backlog, an idle
+            // connection would otherwise keep tens of KiB for the rest of its life.
+            sock.backlog = Vec::new();
         }
         let want_write = !sock.backlog.is_empty();
         if want_write != sock.write_interest {
@@ -273,6 +275,9 @@ impl Transmit for EpollBackend {
         } else {
             sock.backlog.extend_from_slice(bytes);
             bytes.clear();
+            if bytes.capacity() > OUTPUT_BUFFER_KEEP_MAX {
+                *bytes = Vec::new();
+            }
         }
         if !Self::write_backlog(registry_poll, conn, sock) {
             // The peer is gone; the read side reports the close.

@@ -418,7 +418,12 @@ fn handle_frame(
                 ));
             }
             if hello.client.len() > CLIENT_NAME_SIZE_MAX {
-                return Err((id, ErrorCode::TooLarge, "client name too long".into()));
+                // A hello the node refuses ends the connection, like a wrong version.
+                return Err((
+                    id,
+                    ErrorCode::ProtocolViolation,
+                    "client name too long".into(),
+                ));
             }
             let ok = HelloOk {
                 protocol_version: protocol::PROTOCOL_VERSION,
@@ -464,6 +469,11 @@ fn handle_frame(
             Ok(())
         }
         (Phase::AwaitLogin, Kind::Ping) => answer_ping(out, header, payload),
+        (Phase::AwaitLogin, Kind::Hello) => Err((
+            id,
+            ErrorCode::ProtocolViolation,
+            "hello was already answered".into(),
+        )),
         (Phase::AwaitLogin, _) => Err((id, ErrorCode::NotAuthenticated, "log in first".into())),
         (Phase::Established, Kind::Ping) => answer_ping(out, header, payload),
         (Phase::Established, Kind::Send) => {

@@ -45,11 +45,13 @@ impl CommitSink for TestSink {
             self.gate = None;
         }
         self.batch_sizes.send(results.len()).unwrap();
-        for result in results.drain(..) {
-            self.results.send(result).unwrap();
-        }
+        // Deliveries first: a test that has a batch's result can then drain that batch's
+        // deliveries without racing this thread.
         for delivery in deliveries.drain(..) {
             self.deliveries.send(delivery).unwrap();
+        }
+        for result in results.drain(..) {
+            self.results.send(result).unwrap();
         }
     }
 }
