@@ -96,7 +96,8 @@ pub struct FileSend {
     pub text: String,
 }
 
-/// Client → node: `length` bytes of file `file_id` from `offset`. Answered by `FileChunk`.
+/// Client → node: `length` bytes (0: the most a chunk holds) of file `file_id` from
+/// `offset`. Answered by `FileChunk`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Download {
     pub file_id: u64,

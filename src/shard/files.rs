@@ -369,7 +369,11 @@ impl Shard {
                 "offset past the end of the file",
             );
         }
-        let want = (length as usize).clamp(1, FILE_CHUNK_SIZE_MAX) as u64;
+        // 0 asks for the most a chunk holds.
+        let want = match length as usize {
+            0 => FILE_CHUNK_SIZE_MAX,
+            n => n.min(FILE_CHUNK_SIZE_MAX),
+        } as u64;
         let take = want.min(meta.size - offset) as usize;
         let mut data = vec![0u8; take];
         let path = blob_path(self.ctx.store.files_dir(), &meta.sha256);
