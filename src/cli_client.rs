@@ -66,14 +66,8 @@ pub fn sync(account: &Account, after: u64) -> Result<(), String> {
         if write_error.is_some() {
             return;
         }
-        let line = serde_json::json!({
-            "seq": entry.seq,
-            "msg_id": entry.msg_id,
-            "from": entry.from,
-            "to": entry.to,
-            "text": entry.text,
-            "sent_at_ms": entry.sent_at_ms,
-        });
+        // Records (group messages, membership changes, read marks) carry their kind too.
+        let line = crate::cli_team::entry_json(entry);
         if let Err(e) = writeln!(out, "{line}") {
             write_error = Some(e);
         }

@@ -109,12 +109,75 @@ pub const TOKEN_LIFETIME_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Most shards one node runs.
 pub const SHARDS_MAX: usize = 256;
 
+/// Members of one group, the owner included. A group message is one stored message plus,
+/// per member, a timeline entry, a conversation-index entry and a conversation update,
+/// all in the writer's transaction: about 1,000 B-tree puts for 256 members, a few ms on
+/// a Pi-class board, which the writer can afford per message without stalling other
+/// sends. 256 also keeps `GroupInfo` (≤ 256 × ~81 B) well inside one frame.
+pub const GROUP_MEMBERS_MAX: usize = 256;
+/// Groups one user belongs to. Bounds `GroupListPage` (≤ 256 × ~92 B) to one frame and the
+/// per-user group index.
+pub const USER_GROUPS_MAX: usize = 256;
+/// Longest group name in bytes.
+pub const GROUP_NAME_SIZE_MAX: usize = 64;
+/// Most groups per `GroupListPage`.
+pub const GROUP_LIST_PAGE_MAX: u32 = USER_GROUPS_MAX as u32;
+/// Most entries per `HistoryPage`; the page also stops at `SYNC_PAGE_BYTES_MAX`.
+pub const HISTORY_PAGE_ENTRIES_MAX: u32 = 100;
+/// Most conversations per `ConversationsPage`. Each item is at most ~330 B (title, sender,
+/// preview), so 64 stay far inside one frame.
+pub const CONVERSATIONS_PAGE_MAX: u32 = 64;
+/// Timeline entries one device ack examines for delivery receipts. Bounds the writer's
+/// work per ack (one message read each); a device catching up on more is covered by its
+/// next acks.
+pub const DELIVERY_SCAN_MAX: usize = 1024;
+/// Users one connection watches (`PresenceSubscribe`) or asks about (`PresenceQuery`).
+/// Each watch costs 8 B in the connection's set and 8 B in the presence board, and a
+/// `PresenceState` of 256 items (~89 B each) fits one frame.
+pub const PRESENCE_WATCH_MAX: usize = 256;
+/// Shortest interval between two typing indicators one connection relays; faster ones are
+/// dropped without an answer. A group indicator costs a push to every online member.
+pub const TYPING_INTERVAL_MS_MIN: u64 = 1_000;
+/// Largest file data in one `UploadChunk` or `FileChunk`: leaves room in a frame for the
+/// envelope. A 5 MiB file is ~107 chunks.
+pub const FILE_CHUNK_SIZE_MAX: usize = 48 * 1024;
+/// Largest file. Bounds one upload's temp file and the writer's hash pass at finish
+/// (~0.3 s for 64 MiB on a Cortex-A72).
+pub const FILE_SIZE_MAX: u64 = 64 << 20;
+/// Bytes of files one user may store; an upload past it is refused at start and at finish.
+pub const USER_FILES_BYTES_MAX: u64 = 1 << 30;
+/// Bytes of files the node stores in all: 16 GiB leaves room for the store and the system
+/// on a 32 GB SD card.
+pub const NODE_FILES_BYTES_MAX: u64 = 16 << 30;
+/// Longest file name and MIME type, in bytes.
+pub const FILE_NAME_SIZE_MAX: usize = 255;
+pub const FILE_MIME_SIZE_MAX: usize = 127;
+/// Uploads one connection has open at once; each holds an open temp file.
+pub const UPLOADS_PER_CONNECTION_MAX: usize = 4;
+/// Bytes of the last message shown in a conversation-list preview.
+pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
+
 const _: () = assert!(FRAME_HEADER_SIZE < FRAME_SIZE_MAX);
 const _: () = assert!(MESSAGE_TEXT_SIZE_MAX + 1024 < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
 const _: () = assert!(TIMER_SLOTS.is_power_of_two());
 const _: () = assert!(URING_RECV_BUFFERS.is_power_of_two() && URING_RECV_BUFFERS <= 1 << 15);
 const _: () = assert!(SHARDS_MAX <= u16::MAX as usize);
+const _: () =
+    assert!(GROUP_MEMBERS_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () =
+    assert!(USER_GROUPS_MAX * (8 + 8 + GROUP_NAME_SIZE_MAX + 8 + 4 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () = assert!(
+    CONVERSATIONS_PAGE_MAX as usize
+        * (8 + 3 * 8 + 8 + 4 + 8 + 8 + 2 * USER_NAME_SIZE_MAX + CONVERSATION_PREVIEW_SIZE_MAX)
+        < SYNC_PAGE_BYTES_MAX
+);
+const _: () =
+    assert!(PRESENCE_WATCH_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () =
+    assert!(FILE_CHUNK_SIZE_MAX + FILE_NAME_SIZE_MAX + FILE_MIME_SIZE_MAX + 256 < FRAME_SIZE_MAX);
+const _: () = assert!(FILE_SIZE_MAX <= USER_FILES_BYTES_MAX);
+const _: () = assert!(USER_FILES_BYTES_MAX <= NODE_FILES_BYTES_MAX);
 
 #[cfg(test)]
 mod tests {

@@ -69,6 +69,81 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
+    /// Groups: create, add, remove, leave, rename, info, list, send (JSON lines).
+    Group {
+        #[command(subcommand)]
+        command: cli_team::GroupCommand,
+    },
+    /// Page backwards through one conversation, newest first (JSON lines).
+    History {
+        #[command(flatten)]
+        account: cli_client::Account,
+        /// A group conversation.
+        #[arg(long, conflicts_with = "with")]
+        group: Option<u64>,
+        /// A 1:1 conversation with this user.
+        #[arg(long)]
+        with: Option<String>,
+        /// Entries with timeline seq below this one (0: from the newest).
+        #[arg(long, default_value_t = 0)]
+        before: u64,
+        /// Entries per page (0: the node's maximum).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Keep paging until the first entry.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The user's conversations by last activity, with unread counts (JSON lines).
+    Conversations {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Print users' presence (JSON lines); with --watch, also their changes for that long.
+    Presence {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(required = true)]
+        users: Vec<String>,
+        /// Seconds to watch for changes (0: just print the presence now).
+        #[arg(long, default_value_t = 0)]
+        watch: u64,
+    },
+    /// Upload a file and send it to a user or a group (prints the file id).
+    Upload {
+        #[command(flatten)]
+        account: cli_client::Account,
+        file: PathBuf,
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        to: Option<String>,
+        #[arg(long)]
+        group: Option<u64>,
+        /// How the message shows the file: file, image or voice.
+        #[arg(long, default_value = "file")]
+        media: String,
+        #[arg(long, default_value = "application/octet-stream")]
+        mime: String,
+    },
+    /// Download a file by id (resumes into an existing partial --out file).
+    Download {
+        #[command(flatten)]
+        account: cli_client::Account,
+        file_id: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Mark a conversation read up to a timeline seq.
+    Read {
+        #[command(flatten)]
+        account: cli_client::Account,
+        /// Conversation id (as printed by `tern conversations`).
+        conv: u64,
+        up_to_seq: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -157,6 +232,43 @@ fn main() -> ExitCode {
         } => user_add_bulk(&data, &prefix, first, count, &password, map_size_mib),
         Command::Send { account, to, text } => cli_client::send(&account, &to, &text),
         Command::Sync { account, after } => cli_client::sync(&account, after),
+        Command::Group { command } => cli_team::group(command),
+        Command::History {
+            account,
+            group,
+            with,
+            before,
+            limit,
+            all,
+        } => cli_team::history(&account, group, with.as_deref(), before, limit, all),
+        Command::Conversations {
+            account,
+            offset,
+            limit,
+        } => cli_team::conversations(&account, offset, limit),
+        Command::Read {
+            account,
+            conv,
+            up_to_seq,
+        } => cli_team::read(&account, conv, up_to_seq),
+        Command::Presence {
+            account,
+            users,
+            watch,
+        } => cli_team::presence(&account, &users, watch),
+        Command::Upload {
+            account,
+            file,
+            to,
+            group,
+            media,
+            mime,
+        } => cli_team::upload(&account, &file, to.as_deref(), group, &media, &mime),
+        Command::Download {
+            account,
+            file_id,
+            out,
+        } => cli_team::download(&account, file_id, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -339,3 +451,4 @@ fn user_add_bulk(
 }
 
 mod cli_client;
+mod cli_team;

@@ -1479,3 +1479,96 @@ fn blocking_client_goes_offline_when_no_node_listens() {
         ClientError::NotConnected
     );
 }
+
+fn record_bytes(kind: u16, text: &str) -> Vec<u8> {
+    let record = crate::protocol::Record {
+        kind,
+        msg_id: 77,
+        conv: crate::protocol::group_conv(3),
+        from_id: 8,
+        from: "bob".into(),
+        users: vec![7, 8],
+        client_msg_id: 5,
+        sent_at_ms: 1,
+        up_to: 0,
+        text: text.into(),
+        attachments: Vec::new(),
+    };
+    let mut bytes = crate::protocol::RECORD_MARKER.to_vec();
+    rkyv::api::high::to_bytes_in::<_, Failure>(&record, &mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn record_entries_are_stored_in_order_with_their_fields() {
+    use crate::protocol::record_kind;
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.establish_synced();
+    let push = Push {
+        entries: vec![
+            Entry {
+                seq: 1,
+                message: record_bytes(record_kind::GROUP_CREATED, "team"),
+            },
+            Entry {
+                seq: 2,
+                message: message_bytes(2),
+            },
+            Entry {
+                seq: 3,
+                message: record_bytes(record_kind::GROUP_MESSAGE, "hello all"),
+            },
+        ],
+    };
+    h.feed(&frame(Kind::Push, 0, &push));
+    let events = h.events();
+    assert_eq!(Harness::delivered_seqs(&events), vec![1, 2, 3]);
+    let stored = h.session.store().entries();
+    let created = stored[0].record.as_ref().unwrap();
+    assert_eq!(
+        (created.kind, created.users.as_slice()),
+        (record_kind::GROUP_CREATED, &[7, 8][..])
+    );
+    assert_eq!(stored[0].group_id(), Some(3));
+    assert!(!stored[0].is_message());
+    assert!(stored[1].record.is_none() && stored[1].is_message());
+    assert_eq!(
+        (stored[2].text.as_str(), stored[2].is_message()),
+        ("hello all", true)
+    );
+}
+
+#[test]
+fn corrupt_record_entry_drops_the_connection() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.establish_synced();
+    let mut bad = record_bytes(crate::protocol::record_kind::GROUP_MESSAGE, "x");
+    let len = bad.len();
+    bad.truncate(len - 3);
+    let push = Push {
+        entries: vec![Entry {
+            seq: 1,
+            message: bad,
+        }],
+    };
+    h.feed(&frame(Kind::Push, 0, &push));
+    assert!(h.actions().contains(&Action::Disconnect));
+    assert_eq!(h.session.last_seq(), 0);
+}
+
+#[test]
+fn refused_team_request_is_an_event_and_keeps_the_connection() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.establish_synced();
+    let now = h.now;
+    let id = h.session.group_query(9, now).expect("established");
+    h.feed(&error(id, ErrorCode::NotMember));
+    let events = h.events();
+    assert!(matches!(
+        &events[..],
+        [Event::Team { request_id, answer: crate::client::TeamAnswer::Failed { code, .. } }]
+            if *request_id == id && *code == ErrorCode::NotMember as u16
+    ));
+    assert!(h.session.is_established());
+    assert!(h.actions().is_empty());
+}

@@ -4,7 +4,7 @@
 //! can answer alone (hello, ping, protocol errors) and hands the rest to the shard as owned
 //! `Request`s. The shard answers through the `reply_*` and `push_*` methods, which encode
 //! into the connection's output buffer. This module does not touch sockets, the store, the
-//! clock or other connections.
+//! clock or other connections. `team` parses the team-messaging frames.
 
 use crate::ids::UserId;
 use crate::limits::{
@@ -65,6 +65,96 @@ pub enum Request {
     },
     DeviceAck {
         up_to_seq: u64,
+    },
+    // Team messaging (`session::team`, `shard::team`).
+    GroupOp {
+        request_id: u32,
+        op: u8,
+        group_id: u64,
+        name: String,
+        users: Vec<String>,
+    },
+    GroupQuery {
+        request_id: u32,
+        group_id: u64,
+    },
+    GroupList {
+        request_id: u32,
+        after_group_id: u64,
+        limit: u32,
+    },
+    GroupSend {
+        request_id: u32,
+        group_id: u64,
+        client_msg_id: u64,
+        text: String,
+    },
+    History {
+        request_id: u32,
+        conv: u64,
+        before_seq: u64,
+        limit: u32,
+    },
+    Conversations {
+        request_id: u32,
+        offset: u32,
+        limit: u32,
+    },
+    Read {
+        request_id: u32,
+        conv: u64,
+        up_to_seq: u64,
+    },
+    PresenceSubscribe {
+        request_id: u32,
+        users: Vec<String>,
+    },
+    PresenceQuery {
+        request_id: u32,
+        users: Vec<String>,
+    },
+    /// No answer unless refused.
+    Typing {
+        request_id: u32,
+        conv: u64,
+    },
+    // Files (`session::files`, `shard::files`).
+    UploadStart {
+        request_id: u32,
+        name: String,
+        mime: String,
+        size: u64,
+        sha256: [u8; 32],
+    },
+    UploadChunk {
+        request_id: u32,
+        upload_id: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    UploadFinish {
+        request_id: u32,
+        upload_id: u64,
+    },
+    FileSend {
+        request_id: u32,
+        /// Empty for a group message.
+        to: String,
+        group_id: u64,
+        client_msg_id: u64,
+        file_id: u64,
+        thumbnail_id: u64,
+        media: u8,
+        duration_ms: u32,
+        width: u32,
+        height: u32,
+        text: String,
+    },
+    Download {
+        request_id: u32,
+        file_id: u64,
+        offset: u64,
+        length: u32,
     },
 }
 
@@ -267,6 +357,22 @@ impl Conn {
         }
     }
 
+    /// Answers a request with one frame of `kind` carrying `value`.
+    pub fn reply<T>(&mut self, kind: Kind, request_id: u32, value: &T)
+    where
+        T: for<'a> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    Vec<u8>,
+                    rkyv::ser::allocator::ArenaHandle<'a>,
+                    rkyv::rancor::Failure,
+                >,
+            >,
+    {
+        if self.phase != Phase::Closing {
+            protocol::encode(&mut self.out, kind, request_id, value);
+        }
+    }
+
     /// Pushes timeline entries (already committed) to an established connection.
     pub fn push(&mut self, entries: Vec<EntryRef<'_>>) {
         if self.is_authenticated() && !entries.is_empty() {
@@ -425,6 +531,12 @@ fn handle_frame(
             });
             Ok(())
         }
+        (Phase::Established, kind) if team::is_team_request(kind) => {
+            team::handle_frame(out, header, payload, requests)
+        }
+        (Phase::Established, kind) if files::is_file_request(kind) => {
+            files::handle_frame(out, header, payload, requests)
+        }
         (_, kind) => Err((
             id,
             ErrorCode::ProtocolViolation,
@@ -446,6 +558,9 @@ fn answer_ping(out: &mut Vec<u8>, header: FrameHeader, payload: &[u8]) -> Result
     );
     Ok(())
 }
+
+mod files;
+mod team;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,10 @@
 //! and learns of commits through its mailbox. Architecture invariant: a shard thread never
 //! blocks outside its backend's wait, except for a password hash at first login.
 
+mod files;
 pub mod mailbox;
+mod presence;
+mod team;
 pub mod timer_wheel;
 
 use std::collections::HashMap;
@@ -83,6 +86,14 @@ pub struct Shard {
     last_urgent_ms: u64,
     /// Monotonic ms of the latest event this shard saw.
     now_ms: u64,
+    /// Presence watches and typing rate of this shard's connections.
+    presence_conns: HashMap<ConnId, presence::ConnPresence>,
+    /// Presence changes and typing indicators for other shards whose mailboxes were full;
+    /// retried next turn.
+    ephemeral_pending: Vec<(ShardId, ShardMsg)>,
+    /// Uploads in progress per connection (at most `UPLOADS_PER_CONNECTION_MAX` each).
+    uploads: HashMap<ConnId, Vec<files::Upload>>,
+    next_upload_id: u64,
     stats: ShardStats,
 }
 
@@ -105,6 +116,10 @@ impl Shard {
             pinged: false,
             last_urgent_ms: 0,
             now_ms: 0,
+            presence_conns: HashMap::new(),
+            ephemeral_pending: Vec::new(),
+            uploads: HashMap::new(),
+            next_upload_id: 0,
             stats: ShardStats::default(),
         }
     }
@@ -154,6 +169,8 @@ impl Shard {
         }
         let conn = slot.conn.take()?;
         self.stats.connections -= 1;
+        // The temp files stay: a later start of the same content resumes them.
+        self.uploads.remove(&conn_id);
         if let Some(identity) = conn.identity() {
             self.ctx
                 .directory
@@ -164,6 +181,7 @@ impl Shard {
                     self.online.remove(&identity.user);
                 }
             }
+            self.presence_forgotten(conn_id, identity.user);
         } else {
             self.stats.unauthenticated -= 1;
         }
@@ -210,6 +228,13 @@ impl Shard {
                     device: identity.device,
                     up_to_seq,
                 });
+            }
+            other => {
+                let unhandled = self
+                    .handle_team_request(conn_id, other)
+                    .and_then(|other| self.handle_presence_request(conn_id, other, now_ms))
+                    .and_then(|other| self.handle_file_request(conn_id, other));
+                debug_assert!(unhandled.is_none(), "request without a handler");
             }
         }
     }
@@ -291,6 +316,7 @@ impl Shard {
         self.stats.unauthenticated -= 1;
         self.stats.logins += 1;
         self.online.entry(user_id).or_default().push(conn_id);
+        self.presence_connected(user_id);
         self.mark_dirty(conn_id);
     }
 
@@ -427,6 +453,25 @@ impl Shard {
                 let (origin, outcome) = match result {
                     OpResult::SendAcked { origin, ack } => (origin, Ok(ack)),
                     OpResult::SendFailed { origin, code } => (origin, Err(code)),
+                    OpResult::Answered { origin, reply } => {
+                        if let Some(conn) = self.conn_mut(origin.conn) {
+                            conn.inflight = conn.inflight.saturating_sub(1);
+                        }
+                        self.answer_reply(origin.conn, origin.request_id, reply);
+                        return;
+                    }
+                    OpResult::Refused {
+                        origin,
+                        code,
+                        message,
+                    } => {
+                        if let Some(conn) = self.conn_mut(origin.conn) {
+                            conn.inflight = conn.inflight.saturating_sub(1);
+                            conn.reply_error(origin.request_id, code, message);
+                            self.mark_dirty(origin.conn);
+                        }
+                        return;
+                    }
                 };
                 let Some(conn) = self.conn_mut(origin.conn) else {
                     return;
@@ -453,6 +498,9 @@ impl Shard {
                     c.kick("another login replaced this device");
                     self.mark_dirty(conn);
                 }
+            }
+            msg @ (ShardMsg::Presence { .. } | ShardMsg::Typing { .. }) => {
+                self.handle_ephemeral(msg)
             }
         }
     }
@@ -560,6 +608,7 @@ impl Handler for Shard {
         for (shard, conn) in std::mem::take(&mut self.kicks_pending) {
             self.kick(shard, conn);
         }
+        self.retry_ephemeral();
         let mailboxes = self.ctx.mailboxes.clone();
         let mailbox = &mailboxes[self.id.0 as usize];
         // Bounded: at most what was queued when the turn began, so a busy writer cannot
@@ -602,7 +651,7 @@ impl Handler for Shard {
         if self.ctx.stop.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
         }
-        if !self.kicks_pending.is_empty() {
+        if !self.kicks_pending.is_empty() || !self.ephemeral_pending.is_empty() {
             return Some(Duration::from_millis(1));
         }
         self.wheel.timeout_ms(now_ms).map(Duration::from_millis)
