@@ -27,7 +27,8 @@ use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
 pub use error::StoreError;
 pub use read::ReadView;
 pub use writer::{
-    CommitSink, Delivery, OpResult, Origin, WriteOp, WriterHandle, WriterStats, spawn_writer,
+    CommitSink, Delivery, OpResult, Origin, WriteOp, WriterHandle, WriterStats, apply_batch,
+    spawn_writer,
 };
 
 use crate::ids::UserId;
