@@ -917,7 +917,19 @@ fn add_user_works_beside_a_running_writer() {
     }
     let mut h = Harness::new(StoreConfig::default(), false);
     h.send_acked(ALICE, BOB, 1, "node is live");
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
+    let exe = std::env::current_exe().unwrap();
+    // Under an emulator (`tools/cross test`) the child must be started through it too.
+    let runner = std::env::var("TERN_TEST_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    let mut command = match runner.next() {
+        Some(program) => {
+            let mut command = std::process::Command::new(program);
+            command.args(runner).arg(&exe);
+            command
+        }
+        None => std::process::Command::new(&exe),
+    };
+    let child = command
         .args([
             "--exact",
             "storage::tests::add_user_works_beside_a_running_writer",
