@@ -44,12 +44,15 @@ impl CommitSink for TestSink {
         {
             self.gate = None;
         }
+        // Deliveries before results: a test that saw its result may drain the deliveries
+        // at once, and must find all of the batch's there (under qemu the gap between the
+        // two sends was wide enough to lose that race).
+        for delivery in deliveries.drain(..) {
+            self.deliveries.send(delivery).unwrap();
+        }
         self.batch_sizes.send(results.len()).unwrap();
         for result in results.drain(..) {
             self.results.send(result).unwrap();
-        }
-        for delivery in deliveries.drain(..) {
-            self.deliveries.send(delivery).unwrap();
         }
     }
 }
