@@ -5,19 +5,28 @@ use std::net::SocketAddr;
 
 use tern::client::{BlockingClient, ClientConfig, ClientError};
 
-fn connect(
-    server: SocketAddr,
-    user: &str,
-    password: &str,
-    device: &str,
-) -> Result<BlockingClient, String> {
-    let config = ClientConfig::new(user, device).with_password(password);
-    let mut client = BlockingClient::new(server, config);
-    client.connect().map_err(|e| describe(server, e))?;
+/// Where and as whom a one-shot client command logs in.
+#[derive(clap::Args)]
+pub struct Account {
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub server: SocketAddr,
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub password: String,
+    /// Device name; a second login of the same device replaces the first.
+    #[arg(long, default_value = "cli")]
+    pub device: String,
+}
+
+pub fn connect(account: &Account) -> Result<BlockingClient, String> {
+    let config = ClientConfig::new(&account.user, &account.device).with_password(&account.password);
+    let mut client = BlockingClient::new(account.server, config);
+    client.connect().map_err(|e| describe(account.server, e))?;
     Ok(client)
 }
 
-fn describe(server: SocketAddr, error: ClientError) -> String {
+pub fn describe(server: SocketAddr, error: ClientError) -> String {
     match error {
         ClientError::Offline {
             last_error: Some(e),
@@ -26,16 +35,11 @@ fn describe(server: SocketAddr, error: ClientError) -> String {
     }
 }
 
-pub fn send(
-    server: SocketAddr,
-    user: &str,
-    password: &str,
-    device: &str,
-    to: &str,
-    text: &str,
-) -> Result<(), String> {
-    let mut client = connect(server, user, password, device)?;
-    let acked = client.send(to, text).map_err(|e| describe(server, e));
+pub fn send(account: &Account, to: &str, text: &str) -> Result<(), String> {
+    let mut client = connect(account)?;
+    let acked = client
+        .send(to, text)
+        .map_err(|e| describe(account.server, e));
     client.close();
     let acked = acked?;
     println!(
@@ -51,16 +55,10 @@ pub fn send(
     Ok(())
 }
 
-pub fn sync(
-    server: SocketAddr,
-    user: &str,
-    password: &str,
-    device: &str,
-    after: u64,
-) -> Result<(), String> {
+pub fn sync(account: &Account, after: u64) -> Result<(), String> {
     use std::io::Write;
 
-    let mut client = connect(server, user, password, device)?;
+    let mut client = connect(account)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut write_error = None;
@@ -68,20 +66,14 @@ pub fn sync(
         if write_error.is_some() {
             return;
         }
-        let line = serde_json::json!({
-            "seq": entry.seq,
-            "msg_id": entry.msg_id,
-            "from": entry.from,
-            "to": entry.to,
-            "text": entry.text,
-            "sent_at_ms": entry.sent_at_ms,
-        });
+        // Records (group messages, membership changes, read marks) carry their kind too.
+        let line = crate::cli_team::entry_json(entry);
         if let Err(e) = writeln!(out, "{line}") {
             write_error = Some(e);
         }
     });
     client.close();
-    result.map_err(|e| describe(server, e))?;
+    result.map_err(|e| describe(account.server, e))?;
     if let Some(e) = write_error {
         return Err(format!("write stdout: {e}"));
     }

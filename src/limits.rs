@@ -22,11 +22,17 @@ pub const TOKEN_SIZE_MAX: usize = 256;
 /// Error and kick messages sent by the node are cut to this length.
 pub const ERROR_MESSAGE_SIZE_MAX: usize = 256;
 
-/// Most timeline entries in one sync page. 100 entries of the largest text stay under
-/// `FRAME_SIZE_MAX` only for small texts, so a page also stops at `SYNC_PAGE_BYTES_MAX`.
+/// Most timeline entries in one sync page (also what `limit = 0` asks for). Entries of the
+/// largest text would not fit 256 to a frame, so a page also stops at `SYNC_PAGE_BYTES_MAX`.
 pub const SYNC_PAGE_ENTRIES_MAX: u32 = 256;
-/// Byte budget of the entries in one sync page or one push frame.
-pub const SYNC_PAGE_BYTES_MAX: usize = FRAME_SIZE_MAX - 1024;
+/// Archive bytes of one timeline entry besides its message: seq (u64) plus the message's
+/// relative pointer and length (2 × u32), unaligned.
+pub const ENTRY_ENVELOPE_SIZE: usize = 16;
+/// Byte budget of the messages in one sync page or one push frame. Leaves room for the
+/// envelopes of `SYNC_PAGE_ENTRIES_MAX` entries and 1 KiB of header and page fields, so a
+/// full page of small messages still fits in `FRAME_SIZE_MAX`.
+pub const SYNC_PAGE_BYTES_MAX: usize =
+    FRAME_SIZE_MAX - 1024 - SYNC_PAGE_ENTRIES_MAX as usize * ENTRY_ENVELOPE_SIZE;
 
 /// Per-connection write backlog (bytes queued but not yet taken by the kernel). A connection
 /// over it is closed; its device resyncs from the timeline on reconnect. 256 KiB × 10k
@@ -44,6 +50,29 @@ pub const SHARD_CONNECTIONS_MAX: usize = 1 << 20;
 /// Connections that have not logged in yet, per shard. Bounds the work a flood of
 /// half-open clients can cause.
 pub const SHARD_UNAUTHENTICATED_MAX: usize = 4096;
+
+/// io_uring provided-buffer ring, one per shard: how many receive buffers and how large.
+/// Every connection's multishot recv draws from this pool and gives the buffer back as
+/// soon as the shard has consumed the bytes, so an idle connection holds none. Cost:
+/// 256 × 4 KiB = 1 MiB of address space per shard, resident only once touched. When the
+/// pool runs dry a recv ends with ENOBUFS and is re-armed next turn (backpressure).
+pub const URING_RECV_BUFFERS: u16 = 256;
+pub const URING_RECV_BUFFER_SIZE: usize = 4096;
+
+/// How long an io_uring connection that the node closed may wait for its last output to
+/// drain and for the peer's FIN before its remaining operations are cancelled. Bounds the
+/// slots a vanished peer can hold after the node gave up on it.
+pub const CLOSE_LINGER_MS: u64 = 2_000;
+
+/// After a turn that only answered heartbeats, the io_uring loop's next wait ends for new
+/// input but not for the completions of those answers (they complete inside the enter
+/// that submits them), so a heartbeat costs one enter, not two. A send that does not
+/// complete at once ends such a wait after this long at the latest. Message traffic never
+/// waits for it: its turns are not heartbeat-only.
+pub const HEARTBEAT_COALESCE_US: u32 = 2_000;
+/// Coalescing starts only after this long without message traffic on the shard, so a
+/// conversation in progress never meets a stretched wait.
+pub const HEARTBEAT_COALESCE_QUIET_MS: u64 = 100;
 
 /// Time a new connection has to say hello and log in.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
@@ -80,8 +109,104 @@ pub const TOKEN_LIFETIME_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Most shards one node runs.
 pub const SHARDS_MAX: usize = 256;
 
+/// Members of one group, the owner included. A group message is one stored message plus,
+/// per member, a timeline entry, a conversation-index entry and a conversation update,
+/// all in the writer's transaction: about 1,000 B-tree puts for 256 members, a few ms on
+/// a Pi-class board, which the writer can afford per message without stalling other
+/// sends. 256 also keeps `GroupInfo` (≤ 256 × ~81 B) well inside one frame.
+pub const GROUP_MEMBERS_MAX: usize = 256;
+/// Groups one user belongs to. Bounds `GroupListPage` (≤ 256 × ~92 B) to one frame and the
+/// per-user group index.
+pub const USER_GROUPS_MAX: usize = 256;
+/// Longest group name in bytes.
+pub const GROUP_NAME_SIZE_MAX: usize = 64;
+/// Most groups per `GroupListPage`.
+pub const GROUP_LIST_PAGE_MAX: u32 = USER_GROUPS_MAX as u32;
+/// Most entries per `HistoryPage`; the page also stops at `SYNC_PAGE_BYTES_MAX`.
+pub const HISTORY_PAGE_ENTRIES_MAX: u32 = 100;
+/// Most conversations per `ConversationsPage`. Each item is at most ~330 B (title, sender,
+/// preview), so 64 stay far inside one frame.
+pub const CONVERSATIONS_PAGE_MAX: u32 = 64;
+/// Timeline entries one device ack examines for delivery receipts. Bounds the writer's
+/// work per ack (one message read each); a device catching up on more is covered by its
+/// next acks.
+pub const DELIVERY_SCAN_MAX: usize = 1024;
+/// Users one connection watches (`PresenceSubscribe`) or asks about (`PresenceQuery`).
+/// Each watch costs 8 B in the connection's set and 8 B in the presence board, and a
+/// `PresenceState` of 256 items (~89 B each) fits one frame.
+pub const PRESENCE_WATCH_MAX: usize = 256;
+/// Shortest interval between two typing indicators one connection relays; faster ones are
+/// dropped without an answer. A group indicator costs a push to every online member.
+pub const TYPING_INTERVAL_MS_MIN: u64 = 1_000;
+/// Largest file data in one `UploadChunk` or `FileChunk`: leaves room in a frame for the
+/// envelope. A 5 MiB file is ~107 chunks.
+pub const FILE_CHUNK_SIZE_MAX: usize = 48 * 1024;
+/// Largest file. Bounds one upload's temp file and the writer's hash pass at finish
+/// (~0.3 s for 64 MiB on a Cortex-A72).
+pub const FILE_SIZE_MAX: u64 = 64 << 20;
+/// Bytes of files one user may store; an upload past it is refused at start and at finish.
+pub const USER_FILES_BYTES_MAX: u64 = 1 << 30;
+/// Bytes of files the node stores in all: 16 GiB leaves room for the store and the system
+/// on a 32 GB SD card.
+pub const NODE_FILES_BYTES_MAX: u64 = 16 << 30;
+/// Longest file name and MIME type, in bytes.
+pub const FILE_NAME_SIZE_MAX: usize = 255;
+pub const FILE_MIME_SIZE_MAX: usize = 127;
+/// Uploads one connection has open at once; each holds an open temp file.
+pub const UPLOADS_PER_CONNECTION_MAX: usize = 4;
+/// Bytes of the last message shown in a conversation-list preview.
+pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
+
 const _: () = assert!(FRAME_HEADER_SIZE < FRAME_SIZE_MAX);
 const _: () = assert!(MESSAGE_TEXT_SIZE_MAX + 1024 < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
 const _: () = assert!(TIMER_SLOTS.is_power_of_two());
+const _: () = assert!(URING_RECV_BUFFERS.is_power_of_two() && URING_RECV_BUFFERS <= 1 << 15);
 const _: () = assert!(SHARDS_MAX <= u16::MAX as usize);
+const _: () =
+    assert!(GROUP_MEMBERS_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () =
+    assert!(USER_GROUPS_MAX * (8 + 8 + GROUP_NAME_SIZE_MAX + 8 + 4 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () = assert!(
+    CONVERSATIONS_PAGE_MAX as usize
+        * (8 + 3 * 8 + 8 + 4 + 8 + 8 + 2 * USER_NAME_SIZE_MAX + CONVERSATION_PREVIEW_SIZE_MAX)
+        < SYNC_PAGE_BYTES_MAX
+);
+const _: () =
+    assert!(PRESENCE_WATCH_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () =
+    assert!(FILE_CHUNK_SIZE_MAX + FILE_NAME_SIZE_MAX + FILE_MIME_SIZE_MAX + 256 < FRAME_SIZE_MAX);
+const _: () = assert!(FILE_SIZE_MAX <= USER_FILES_BYTES_MAX);
+const _: () = assert!(USER_FILES_BYTES_MAX <= NODE_FILES_BYTES_MAX);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{EntryRef, Kind, PushRef, SyncPageRef, encode};
+
+    /// Regression: a burst of small messages to one user made a push frame larger than
+    /// `FRAME_SIZE_MAX`, and the encoder's assertion took the node down.
+    #[test]
+    fn a_full_page_of_small_messages_fits_in_one_frame() {
+        let per_entry = SYNC_PAGE_BYTES_MAX / SYNC_PAGE_ENTRIES_MAX as usize;
+        let message = vec![7u8; per_entry];
+        let entries = || {
+            (0..u64::from(SYNC_PAGE_ENTRIES_MAX))
+                .map(|seq| EntryRef {
+                    seq,
+                    message: &message,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::new();
+        let size = encode(&mut out, Kind::Push, 0, &PushRef { entries: entries() });
+        assert!(size <= FRAME_SIZE_MAX);
+        let page = SyncPageRef {
+            entries: entries(),
+            head_seq: u64::MAX,
+            has_more: true,
+        };
+        out.clear();
+        assert!(encode(&mut out, Kind::SyncPage, 1, &page) <= FRAME_SIZE_MAX);
+    }
+}

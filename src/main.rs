@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use tern::io::IoKind;
+use tern::io::probe::{IoRequest, probe_uring, select};
 use tern::limits::HEARTBEAT_INTERVAL_MS_DEFAULT;
 use tern::node::{Node, NodeConfig, prepare_fd_table};
 use tern::storage::{Durability, Store, StoreConfig, StoreError};
@@ -45,6 +45,9 @@ enum Command {
         /// LMDB map size in MiB (default: 8192 on 64-bit, 768 on 32-bit).
         #[arg(long)]
         map_size_mib: Option<usize>,
+        /// Event loop: auto takes io_uring when the kernel allows it, else epoll.
+        #[arg(long, value_enum, default_value_t = IoArg::Auto)]
+        io: IoArg,
     },
     /// Manage users (works while the node runs).
     User {
@@ -53,30 +56,93 @@ enum Command {
     },
     /// Send one message and wait for its durable ack; prints one JSON object.
     Send {
-        #[arg(long, default_value = "127.0.0.1:7420")]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
-        #[arg(long, default_value = "cli")]
-        device: String,
+        #[command(flatten)]
+        account: cli_client::Account,
         #[arg(long)]
         to: String,
         text: String,
     },
     /// Print the timeline after a seq, one JSON object per entry and line.
     Sync {
-        #[arg(long, default_value = "127.0.0.1:7420")]
-        server: SocketAddr,
-        #[arg(long)]
-        user: String,
-        #[arg(long)]
-        password: String,
-        #[arg(long, default_value = "cli")]
-        device: String,
+        #[command(flatten)]
+        account: cli_client::Account,
         #[arg(long, default_value_t = 0)]
         after: u64,
+    },
+    /// Groups: create, add, remove, leave, rename, info, list, send (JSON lines).
+    Group {
+        #[command(subcommand)]
+        command: cli_team::GroupCommand,
+    },
+    /// Page backwards through one conversation, newest first (JSON lines).
+    History {
+        #[command(flatten)]
+        account: cli_client::Account,
+        /// A group conversation.
+        #[arg(long, conflicts_with = "with")]
+        group: Option<u64>,
+        /// A 1:1 conversation with this user.
+        #[arg(long)]
+        with: Option<String>,
+        /// Entries with timeline seq below this one (0: from the newest).
+        #[arg(long, default_value_t = 0)]
+        before: u64,
+        /// Entries per page (0: the node's maximum).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Keep paging until the first entry.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The user's conversations by last activity, with unread counts (JSON lines).
+    Conversations {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Print users' presence (JSON lines); with --watch, also their changes for that long.
+    Presence {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(required = true)]
+        users: Vec<String>,
+        /// Seconds to watch for changes (0: just print the presence now).
+        #[arg(long, default_value_t = 0)]
+        watch: u64,
+    },
+    /// Upload a file and send it to a user or a group (prints the file id).
+    Upload {
+        #[command(flatten)]
+        account: cli_client::Account,
+        file: PathBuf,
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        to: Option<String>,
+        #[arg(long)]
+        group: Option<u64>,
+        /// How the message shows the file: file, image or voice.
+        #[arg(long, default_value = "file")]
+        media: String,
+        #[arg(long, default_value = "application/octet-stream")]
+        mime: String,
+    },
+    /// Download a file by id (resumes into an existing partial --out file).
+    Download {
+        #[command(flatten)]
+        account: cli_client::Account,
+        file_id: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Mark a conversation read up to a timeline seq.
+    Read {
+        #[command(flatten)]
+        account: cli_client::Account,
+        /// Conversation id (as printed by `tern conversations`).
+        conv: u64,
+        up_to_seq: u64,
     },
 }
 
@@ -90,6 +156,31 @@ enum UserCommand {
         #[arg(long, default_value = "./tern-data")]
         data: PathBuf,
     },
+    /// Create users PREFIX0 … PREFIX(COUNT-1) sharing one password, in one transaction
+    /// (the password is hashed once). Existing users are kept. Prints one JSON object.
+    AddBulk {
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: u64,
+        /// Number of the first user.
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value = "./tern-data")]
+        data: PathBuf,
+        /// LMDB map size in MiB; give the node's value if it runs with --map-size-mib.
+        #[arg(long)]
+        map_size_mib: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IoArg {
+    Auto,
+    Epoll,
+    Uring,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,7 +201,16 @@ fn main() -> ExitCode {
             durability,
             heartbeat_ms,
             map_size_mib,
-        } => serve(data, listen, shards, durability, heartbeat_ms, map_size_mib),
+            io,
+        } => serve(
+            data,
+            listen,
+            shards,
+            durability,
+            heartbeat_ms,
+            map_size_mib,
+            io,
+        ),
         Command::User {
             command:
                 UserCommand::Add {
@@ -119,21 +219,56 @@ fn main() -> ExitCode {
                     data,
                 },
         } => user_add(&data, &name, &password),
-        Command::Send {
-            server,
-            user,
-            password,
-            device,
+        Command::User {
+            command:
+                UserCommand::AddBulk {
+                    prefix,
+                    count,
+                    first,
+                    password,
+                    data,
+                    map_size_mib,
+                },
+        } => user_add_bulk(&data, &prefix, first, count, &password, map_size_mib),
+        Command::Send { account, to, text } => cli_client::send(&account, &to, &text),
+        Command::Sync { account, after } => cli_client::sync(&account, after),
+        Command::Group { command } => cli_team::group(command),
+        Command::History {
+            account,
+            group,
+            with,
+            before,
+            limit,
+            all,
+        } => cli_team::history(&account, group, with.as_deref(), before, limit, all),
+        Command::Conversations {
+            account,
+            offset,
+            limit,
+        } => cli_team::conversations(&account, offset, limit),
+        Command::Read {
+            account,
+            conv,
+            up_to_seq,
+        } => cli_team::read(&account, conv, up_to_seq),
+        Command::Presence {
+            account,
+            users,
+            watch,
+        } => cli_team::presence(&account, &users, watch),
+        Command::Upload {
+            account,
+            file,
             to,
-            text,
-        } => cli_client::send(server, &user, &password, &device, &to, &text),
-        Command::Sync {
-            server,
-            user,
-            password,
-            device,
-            after,
-        } => cli_client::sync(server, &user, &password, &device, after),
+            group,
+            media,
+            mime,
+        } => cli_team::upload(&account, &file, to.as_deref(), group, &media, &mime),
+        Command::Download {
+            account,
+            file_id,
+            out,
+        } => cli_team::download(&account, file_id, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -151,10 +286,18 @@ fn serve(
     durability: DurabilityArg,
     heartbeat_ms: u32,
     map_size_mib: Option<usize>,
+    io: IoArg,
 ) -> Result<(), String> {
     if heartbeat_ms < 10 {
         return Err("--heartbeat-ms must be at least 10".into());
     }
+    let request = match io {
+        IoArg::Auto => IoRequest::Auto,
+        IoArg::Epoll => IoRequest::Epoll,
+        IoArg::Uring => IoRequest::Uring,
+    };
+    let io = select(request, probe_uring)?;
+    eprintln!("{}", io.log_line);
     // Block the shutdown signals before any thread exists, so every thread inherits the
     // mask and only this thread's sigwait receives them.
     let signals = block_shutdown_signals();
@@ -170,7 +313,7 @@ fn serve(
             DurabilityArg::None => Durability::None,
         },
         heartbeat_interval_ms: heartbeat_ms,
-        io: IoKind::Epoll,
+        io: io.kind,
         map_size: map_size_mib.map(|mib| mib << 20),
     };
     let node = Node::start(&config).map_err(|e| e.to_string())?;
@@ -187,12 +330,42 @@ fn serve(
         fd_limit
     );
     let _ = std::io::stdout().flush();
-    let signal = wait_for_signal(&signals);
+    let signal = loop {
+        let signal = wait_for_signal(&signals);
+        if signal != libc::SIGUSR1 {
+            break signal;
+        }
+        print_stats(&node);
+    };
     eprintln!("tern: signal {signal}, shutting down");
     node.shutdown().map_err(|e| e.to_string())?;
     eprintln!("tern: stopped cleanly");
     Ok(())
 }
+
+/// SIGUSR1: one line of the io backends' counters on stdout, for operators and the churn
+/// test (which checks that every gauge returns to zero).
+fn print_stats(node: &Node) {
+    match node.backend_stats(STATS_TIMEOUT) {
+        Some(s) => println!(
+            "tern stats: io={} connections_open={} connections_closing={} accepted_total={} \
+             closed_total={} backlog_bytes={} write_buffers={} read_buffers_held={}",
+            node.io().name(),
+            s.connections_open,
+            s.connections_closing,
+            s.accepted_total,
+            s.closed_total,
+            s.backlog_bytes,
+            s.write_buffers,
+            s.read_buffers_held
+        ),
+        None => println!("tern stats: unavailable (a shard did not answer)"),
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// How long SIGUSR1 waits for every shard to publish its counters.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn block_shutdown_signals() -> libc::sigset_t {
     // SAFETY: sigset operations on a local, zero-initialised set.
@@ -201,6 +374,7 @@ fn block_shutdown_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -238,4 +412,43 @@ fn user_add(data: &std::path::Path, name: &str, password: &str) -> Result<(), St
     }
 }
 
+fn user_add_bulk(
+    data: &std::path::Path,
+    prefix: &str,
+    first: u64,
+    count: u64,
+    password: &str,
+    map_size_mib: Option<usize>,
+) -> Result<(), String> {
+    if password.is_empty() || password.len() > tern::limits::PASSWORD_SIZE_MAX {
+        return Err(format!(
+            "password must be 1..={} bytes",
+            tern::limits::PASSWORD_SIZE_MAX
+        ));
+    }
+    let mut config = StoreConfig::default();
+    if let Some(mib) = map_size_mib {
+        config.map_size = mib << 20;
+    }
+    let store = Store::open(data, &config).map_err(|e| e.to_string())?;
+    let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let bulk = store
+        .add_users_bulk(prefix, first, count, &hash)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "prefix": prefix,
+            "first": first,
+            "count": count,
+            "created": bulk.created,
+            "first_user_id": bulk.ids.first().map(|id| id.0),
+            "seconds": started.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
 mod cli_client;
+mod cli_team;

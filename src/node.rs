@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::TokenKey;
 use crate::ids::ShardId;
 use crate::io::epoll::EpollBackend;
-use crate::io::{Backend, IoKind};
+use crate::io::{Backend, BackendStats, IoKind, StatsCell};
 use crate::limits::{SHARD_MAILBOX_MAX, SHARDS_MAX};
 use crate::routing::Directory;
 use crate::session::SessionConfig;
@@ -79,6 +80,7 @@ pub struct Node {
     stop: Arc<AtomicBool>,
     mailboxes: Arc<[Mailbox]>,
     shards: Vec<JoinHandle<io::Result<ShardStats>>>,
+    stats_cells: Vec<Arc<StatsCell>>,
     writer: Option<JoinHandle<WriterStats>>,
     store: Store,
     io: IoKind,
@@ -107,7 +109,8 @@ impl Node {
             TokenKey::load_or_create(&config.data_dir).map_err(io_err("load node secret"))?,
         );
 
-        let mut backends = Vec::with_capacity(config.shards);
+        let mut backends: Vec<Box<dyn Backend + Send>> = Vec::with_capacity(config.shards);
+        let mut stats_cells = Vec::with_capacity(config.shards);
         let mut addr = config.listen;
         for _ in 0..config.shards {
             let listener = bind_reuseport(addr).map_err(io_err("bind listener"))?;
@@ -115,11 +118,9 @@ impl Node {
             addr = listener
                 .local_addr()
                 .map_err(io_err("read listener address"))?;
-            match config.io {
-                IoKind::Epoll => {
-                    backends.push(EpollBackend::new(listener).map_err(io_err("create epoll loop"))?)
-                }
-            }
+            let cell = Arc::new(StatsCell::default());
+            stats_cells.push(cell.clone());
+            backends.push(new_backend(config.io, listener, cell)?);
         }
         let mailboxes: Arc<[Mailbox]> = backends
             .iter()
@@ -161,6 +162,7 @@ impl Node {
             stop,
             mailboxes,
             shards,
+            stats_cells,
             writer: Some(writer_thread),
             store,
             io: config.io,
@@ -174,6 +176,30 @@ impl Node {
 
     pub fn io(&self) -> IoKind {
         self.io
+    }
+
+    /// The io backends' counters summed over shards, or None if a shard did not answer
+    /// within `timeout` (each shard publishes them on its next loop turn).
+    pub fn backend_stats(&self, timeout: Duration) -> Option<BackendStats> {
+        let seen: Vec<u64> = self.stats_cells.iter().map(|c| c.request()).collect();
+        for mailbox in self.mailboxes.iter() {
+            mailbox.wake();
+        }
+        let deadline = Instant::now() + timeout;
+        let mut total = BackendStats::default();
+        for (cell, seen) in self.stats_cells.iter().zip(seen) {
+            loop {
+                if let Some(stats) = cell.published_after(seen) {
+                    total.add(&stats);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Some(total)
     }
 
     /// Stops accepting, closes connections, lets the writer commit what is queued, syncs.
@@ -203,6 +229,27 @@ impl Node {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+fn new_backend(
+    io: IoKind,
+    listener: TcpListener,
+    cell: Arc<StatsCell>,
+) -> Result<Box<dyn Backend + Send>, NodeError> {
+    match io {
+        IoKind::Epoll => Ok(Box::new(
+            EpollBackend::new(listener, cell).map_err(io_err("create epoll loop"))?,
+        )),
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        IoKind::Uring => Ok(Box::new(
+            crate::io::uring::UringBackend::new(listener, cell)
+                .map_err(io_err("create io_uring loop"))?,
+        )),
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        IoKind::Uring => Err(NodeError::Config(
+            "io_uring is not built for this target".to_owned(),
+        )),
     }
 }
 

@@ -1,11 +1,12 @@
 //! Hostile bytes get an error frame and a closed connection for that client only; other
 //! clients keep being served and no data is lost.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::{RawConn, TestNode, error_code};
+use common::{Io, RawConn, TestNode, error_code};
 use tern::protocol::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -52,9 +53,8 @@ fn expect_ack(conn: &mut RawConn, id: u32) -> (u64, u64) {
     }
 }
 
-#[test]
-fn hostile_clients_are_cut_off_while_others_are_served() {
-    let node = TestNode::start(&["--shards", "2"]);
+fn hostile_clients_are_cut_off_while_others_are_served(io: Io) {
+    let node = TestNode::start(io, &["--shards", "2"]);
     node.add_user("alice", "pw-a");
     node.add_user("bob", "pw-b");
 
@@ -162,9 +162,8 @@ fn hostile_clients_are_cut_off_while_others_are_served() {
     assert_eq!(seqs, vec![1, 2]);
 }
 
-#[test]
-fn oversized_text_is_refused_but_the_connection_stays() {
-    let node = TestNode::start(&["--shards", "1"]);
+fn oversized_text_is_refused_but_the_connection_stays(io: Io) {
+    let node = TestNode::start(io, &["--shards", "1"]);
     node.add_user("alice", "pw-a");
     node.add_user("bob", "pw-b");
     let mut alice = RawConn::connect(node.addr);
@@ -184,3 +183,8 @@ fn oversized_text_is_refused_but_the_connection_stays() {
     send_frame(&mut alice, 7, "bob", 3, "fine");
     expect_ack(&mut alice, 7);
 }
+
+io_tests!(
+    hostile_clients_are_cut_off_while_others_are_served,
+    oversized_text_is_refused_but_the_connection_stays,
+);

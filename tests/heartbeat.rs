@@ -1,16 +1,16 @@
 //! Idle timeout, heartbeats and kicks on duplicate device login.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RawConn, TestNode, error_code};
+use common::{Io, RawConn, TestNode, error_code};
 use tern::protocol::*;
 
-#[test]
-fn silent_client_is_closed_and_heartbeating_one_is_not() {
+fn silent_client_is_closed_and_heartbeating_one_is_not(io: Io) {
     // 200 ms interval: the node closes connections silent for 500 ms.
-    let node = TestNode::start(&["--heartbeat-ms", "200", "--shards", "1"]);
+    let node = TestNode::start(io, &["--heartbeat-ms", "200", "--shards", "1"]);
     node.add_user("alice", "pw");
     let mut silent = RawConn::connect(node.addr);
     silent.login("alice", "pw", "silent");
@@ -46,9 +46,8 @@ fn silent_client_is_closed_and_heartbeating_one_is_not() {
     assert!(nonce >= 10);
 }
 
-#[test]
-fn connection_that_never_logs_in_is_closed_at_the_handshake_deadline() {
-    let node = TestNode::start(&["--shards", "1"]);
+fn connection_that_never_logs_in_is_closed_at_the_handshake_deadline(io: Io) {
+    let node = TestNode::start(io, &["--shards", "1"]);
     let mut idle = RawConn::connect(node.addr);
     let frames = idle
         .read_until_closed(Duration::from_millis(
@@ -59,9 +58,8 @@ fn connection_that_never_logs_in_is_closed_at_the_handshake_deadline() {
     assert_eq!(error_code(&frames[0].1), ErrorCode::Timeout as u16);
 }
 
-#[test]
-fn duplicate_device_login_kicks_the_older_connection() {
-    let node = TestNode::start(&["--shards", "2"]);
+fn duplicate_device_login_kicks_the_older_connection(io: Io) {
+    let node = TestNode::start(io, &["--shards", "2"]);
     node.add_user("alice", "pw");
     let mut first = RawConn::connect(node.addr);
     first.login("alice", "pw", "phone");
@@ -88,3 +86,9 @@ fn duplicate_device_login_kicks_the_older_connection() {
         assert_eq!(h.kind, Kind::Pong);
     }
 }
+
+io_tests!(
+    silent_client_is_closed_and_heartbeating_one_is_not,
+    connection_that_never_logs_in_is_closed_at_the_handshake_deadline,
+    duplicate_device_login_kicks_the_older_connection,
+);

@@ -56,6 +56,15 @@ pub enum ClientError {
     /// The operation did not finish within the client's operation timeout. A send stays in
     /// the outbox and goes out again on the next connection.
     Timeout,
+    /// The node refused a team request (groups, history, conversations, read marks).
+    RequestFailed { code: u16, message: String },
+    /// The connection dropped before a group operation was answered; it may or may not
+    /// have been applied (it is not resent, see `client::team`).
+    Lost,
+    /// A request was refused before it was sent; says why.
+    Invalid(&'static str),
+    /// The node answered with a frame of the wrong kind.
+    Unexpected,
 }
 
 impl std::fmt::Display for ClientError {
@@ -85,6 +94,12 @@ impl std::fmt::Display for ClientError {
             ClientError::Refused(err) => write!(f, "send refused: {err}"),
             ClientError::NotConnected => write!(f, "not connected"),
             ClientError::Timeout => write!(f, "timed out"),
+            ClientError::RequestFailed { code, message } => {
+                write!(f, "refused ({}): {message}", code_name(*code))
+            }
+            ClientError::Lost => write!(f, "connection lost before the answer; check the outcome"),
+            ClientError::Invalid(why) => write!(f, "invalid request: {why}"),
+            ClientError::Unexpected => write!(f, "the node answered with an unexpected frame"),
         }
     }
 }
@@ -360,6 +375,20 @@ impl<S: ClientStore> BlockingClient<S> {
         self.last_io_error.as_deref()
     }
 
+    pub(super) fn operation_timeout(&self) -> Duration {
+        self.operation_timeout
+    }
+
+    /// Waits until the session is established (logged in, initial sync not awaited).
+    pub(super) fn wait_ready(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        self.wait_established(deadline, false)
+    }
+
+    /// The error for a wait that ended without its event.
+    pub(super) fn timed_out(&self) -> ClientError {
+        self.not_finished()
+    }
+
     // ----- internals --------------------------------------------------------------------
 
     /// Waits until the session is established (and, with `initial_sync`, its first sync run
@@ -394,7 +423,10 @@ impl<S: ClientStore> BlockingClient<S> {
 
     /// The result of a wait: its outcome, with the latest socket error added to `Offline`,
     /// or why it ended without one.
-    fn finish<T>(&self, outcome: Option<Result<T, ClientError>>) -> Result<T, ClientError> {
+    pub(super) fn finish<T>(
+        &self,
+        outcome: Option<Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
         match outcome {
             Some(Err(ClientError::Offline { last_error: None })) => Err(ClientError::Offline {
                 last_error: self.last_io_error.clone(),
@@ -522,7 +554,7 @@ impl<S: ClientStore> BlockingClient<S> {
 }
 
 /// The error a wait ends with when the session reports that it cannot go on.
-fn stop_error(event: &Event) -> Option<ClientError> {
+pub(super) fn stop_error(event: &Event) -> Option<ClientError> {
     match event {
         Event::AuthFailed { code, message } => Some(ClientError::AuthFailed {
             code: *code,

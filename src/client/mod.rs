@@ -6,6 +6,8 @@
 //!   the outbox of unacknowledged sends, timeline sync with gap detection, device acks.
 //! - `store`: the `ClientStore` interface behind which a device keeps its state (last seq,
 //!   received entries, the outbox) and `MemoryStore`, the in-memory implementation.
+//! - `team`: groups, group sends, history, the conversation list and read marks, as
+//!   requests on the session and blocking calls on the driver.
 //! - `blocking`: a small driver over `std::net::TcpStream` for the CLI and tests.
 //!
 //! Architecture invariant: `session` and `store` never touch a socket, a file or the clock;
@@ -17,17 +19,21 @@
 //! node enforces; they are related to the node's limits by const assertions below.
 
 mod blocking;
+mod files;
 mod session;
 mod store;
+mod team;
 
 #[cfg(test)]
 mod tests;
 
 pub use blocking::{Acked, BlockingClient, ClientError};
+pub use files::FileMessage;
 pub use session::{
-    Action, ClientConfig, ClientSession, Event, Listener, ReceivedMessage, SendError,
+    Action, ClientConfig, ClientSession, EntryRecord, Event, Listener, ReceivedMessage, SendError,
 };
 pub use store::{ClientStore, MemoryStore, OutboxItem};
+pub use team::TeamAnswer;
 
 use crate::limits::CONNECTION_INFLIGHT_MAX;
 

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::store::{ClientStore, MemoryStore, OutboxItem};
+use super::team::{self, TeamAnswer};
 use super::{
     BACKOFF_BASE_MS_DEFAULT, BACKOFF_MAX_MS_DEFAULT, BUSY_RETRY_MS_DEFAULT,
     HEARTBEAT_INTERVAL_MS_MIN, OUTBOX_MAX, RECONNECT_ATTEMPTS_MAX_DEFAULT,
@@ -33,8 +34,9 @@ use crate::limits::{
 };
 use crate::protocol::{
     self, ArchivedEntry, ArchivedErrorBody, ArchivedHelloOk, ArchivedKicked, ArchivedLoginOk,
-    ArchivedMessage, ArchivedPong, ArchivedPush, ArchivedSendAck, ArchivedSyncPage, Credential,
-    DeviceAck, ErrorCode, FrameHeader, FrameReader, Hello, Kind, Login, PROTOCOL_VERSION, Ping,
+    ArchivedMessage, ArchivedPong, ArchivedPush, ArchivedRecord, ArchivedSendAck, ArchivedSyncPage,
+    Credential, DeviceAck, ErrorCode, FrameHeader, FrameReader, Hello, Kind, Login,
+    PROTOCOL_VERSION, Ping,
 };
 
 /// Everything a session needs to know before it starts.
@@ -70,6 +72,11 @@ pub struct ClientConfig {
     pub seed: u64,
     /// `Sync.limit`: entries per sync page; 0 asks for the node's maximum.
     pub sync_page_limit: u32,
+    /// Ping at this interval instead of the one the node announces in `HelloOk` (a load
+    /// generator models phones that ping less often). The node closes a connection silent
+    /// for 2.5 of its own intervals, so a longer interval than the node's only works against
+    /// a node configured for it.
+    pub heartbeat_interval: Option<Duration>,
 }
 
 impl ClientConfig {
@@ -88,6 +95,7 @@ impl ClientConfig {
             busy_retry: Duration::from_millis(BUSY_RETRY_MS_DEFAULT),
             seed: os_seed(),
             sync_page_limit: SYNC_PAGE_LIMIT_DEFAULT,
+            heartbeat_interval: None,
         }
     }
 
@@ -146,6 +154,44 @@ pub struct ReceivedMessage {
     pub client_msg_id: u64,
     pub sent_at_ms: u64,
     pub text: String,
+    /// Set when the entry is a record (group message, membership change, read mark) rather
+    /// than a 1:1 message. Then `to_id` is the record's conversation id and `to` is empty.
+    pub record: Option<EntryRecord>,
+}
+
+/// The fields of a timeline record that a 1:1 message does not have (`protocol::Record`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRecord {
+    /// `protocol::record_kind`.
+    pub kind: u16,
+    /// Conversation id (`protocol::group_conv` for groups).
+    pub conv: u64,
+    /// Members added or removed, or the initial members of a created group.
+    pub users: Vec<u64>,
+    /// For a read mark or a delivery receipt: the last msg id it covers.
+    pub up_to: u64,
+    /// For a file message: the file it carries.
+    pub attachment: Option<protocol::Attachment>,
+}
+
+impl ReceivedMessage {
+    /// The group this entry belongs to, if any.
+    pub fn group_id(&self) -> Option<u64> {
+        self.record
+            .as_ref()
+            .and_then(|r| protocol::conv_group(r.conv))
+    }
+
+    /// Whether this is a message (1:1, group, or carrying a file) rather than a
+    /// membership change, a read mark or a receipt.
+    pub fn is_message(&self) -> bool {
+        self.record.as_ref().is_none_or(|r| {
+            matches!(
+                r.kind,
+                protocol::record_kind::GROUP_MESSAGE | protocol::record_kind::FILE_MESSAGE
+            )
+        })
+    }
 }
 
 /// What happened, for the app. Codes are `ErrorCode` numbers (`ErrorCode::from_u16`); they
@@ -198,6 +244,22 @@ pub enum Event {
         entries: Vec<ReceivedMessage>,
         head_seq: u64,
         has_more: bool,
+    },
+    /// The answer to a team request (groups, history, conversations, read marks; see
+    /// `client::team`), or its refusal.
+    Team { request_id: u32, answer: TeamAnswer },
+    /// A watched user came online or went offline (`ClientSession::presence_subscribe`).
+    /// Of two events about one user, the higher `version` is the newer.
+    Presence {
+        user_id: u64,
+        online: bool,
+        version: u64,
+    },
+    /// `from` is typing in conversation `conv`. Ephemeral: never in the timeline.
+    Typing {
+        conv: u64,
+        from_id: u64,
+        from: String,
     },
 }
 
@@ -282,6 +344,8 @@ enum Request {
     Fetch {
         after_seq: u64,
     },
+    /// A team request (`client::team`); its answer becomes `Event::Team`.
+    Team,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -603,6 +667,17 @@ impl<S: ClientStore> ClientSession<S> {
         Ok(client_msg_id)
     }
 
+    /// Starts a sync run from `last_seq` now (the answer ends in `Event::SyncDone`), as a
+    /// device does when the app comes to the foreground. False when not established or
+    /// when a sync run is already in flight (its `SyncDone` will follow).
+    pub fn sync_now(&mut self, now: Instant) -> bool {
+        if self.phase != Phase::Established || self.sync.in_flight.is_some() {
+            return false;
+        }
+        self.start_sync(now);
+        true
+    }
+
     /// Reads the timeline after `after_seq` (one page; the answer is `Event::TimelinePage`
     /// with this request id), independently of `last_seq` and without storing anything.
     /// None when not established or when a fetch is already in flight.
@@ -618,6 +693,44 @@ impl<S: ClientStore> ClientSession<S> {
         protocol::encode(&mut self.tx, Kind::Sync, request_id, &sync);
         self.fetch_in_flight = Some(request_id);
         Some(request_id)
+    }
+
+    /// Sends a team request encoded by `write` (given the request id); its answer arrives
+    /// as `Event::Team` with the returned id. None when not established.
+    pub(super) fn team_request(
+        &mut self,
+        now: Instant,
+        write: impl FnOnce(&mut Vec<u8>, u32),
+    ) -> Option<u32> {
+        if self.phase != Phase::Established {
+            return None;
+        }
+        let request_id = self.request(now, Request::Team);
+        write(&mut self.tx, request_id);
+        Some(request_id)
+    }
+
+    /// Writes a frame that has no answer but may be refused (a typing indicator). It gets
+    /// a request id of its own that nothing waits for, so a refusal is dropped rather than
+    /// taken for a connection-level error. False when not established.
+    pub(super) fn fire_and_forget(&mut self, write: impl FnOnce(&mut Vec<u8>, u32)) -> bool {
+        if self.phase != Phase::Established {
+            return false;
+        }
+        let request_id = loop {
+            self.request_id_last = self.request_id_last.wrapping_add(1);
+            let id = self.request_id_last;
+            if id != 0 && !self.pending.contains_key(&id) {
+                break id;
+            }
+        };
+        write(&mut self.tx, request_id);
+        true
+    }
+
+    /// A fresh client message id, for sends outside the outbox (group sends).
+    pub(super) fn fresh_client_msg_id(&mut self) -> u64 {
+        self.next_client_msg_id()
     }
 
     // ----- outputs ----------------------------------------------------------------------
@@ -714,16 +827,52 @@ impl<S: ClientStore> ClientSession<S> {
 
     fn on_frame(&mut self, header: FrameHeader, payload: &[u8], now: Instant) {
         match header.kind {
-            Kind::HelloOk | Kind::LoginOk | Kind::Pong | Kind::SendAck | Kind::SyncPage => {
-                self.on_response(header, payload, now)
+            Kind::HelloOk
+            | Kind::LoginOk
+            | Kind::Pong
+            | Kind::SendAck
+            | Kind::SyncPage
+            | Kind::GroupInfo
+            | Kind::GroupListPage
+            | Kind::HistoryPage
+            | Kind::ConversationsPage
+            | Kind::ReadOk
+            | Kind::PresenceState
+            | Kind::UploadReady
+            | Kind::UploadAck
+            | Kind::FileInfo
+            | Kind::FileChunk => self.on_response(header, payload, now),
+            Kind::PresencePush | Kind::TypingPush => {
+                match team::decode_push(header.kind, payload) {
+                    Some(event) => self.events.push_back(event),
+                    None => self.peer_fault(now, "malformed presence or typing push"),
+                }
             }
             Kind::Error if header.request_id != 0 => self.on_response(header, payload, now),
             Kind::Error => self.on_connection_error(payload, now),
             Kind::Push => self.on_push(payload, now),
             Kind::Kicked => self.on_kicked(payload, now),
-            Kind::Hello | Kind::Login | Kind::Ping | Kind::Send | Kind::Sync | Kind::DeviceAck => {
-                self.peer_fault(now, "client-only frame kind from node")
-            }
+            Kind::Hello
+            | Kind::Login
+            | Kind::Ping
+            | Kind::Send
+            | Kind::Sync
+            | Kind::DeviceAck
+            | Kind::GroupOp
+            | Kind::GroupQuery
+            | Kind::GroupList
+            | Kind::GroupSend
+            | Kind::History
+            | Kind::Conversations
+            | Kind::Read
+            | Kind::PresenceSubscribe
+            | Kind::PresenceQuery
+            | Kind::Typing
+            | Kind::UploadStart
+            | Kind::UploadChunk
+            | Kind::UploadFinish
+            | Kind::FileSend
+            | Kind::Download => self.peer_fault(now, "client-only frame kind from node"),
         }
     }
 
@@ -744,6 +893,23 @@ impl<S: ClientStore> ClientSession<S> {
             (Request::Fetch { after_seq }, Kind::SyncPage) => {
                 self.on_fetch_page(header.request_id, after_seq, payload, now)
             }
+            (Request::Team, kind) => match team::decode_answer(kind, payload) {
+                Some(answer) => {
+                    let closes = matches!(
+                        &answer,
+                        TeamAnswer::Failed { code, .. }
+                            if ErrorCode::from_u16(*code).is_some_and(ErrorCode::closes_connection)
+                    );
+                    self.events.push_back(Event::Team {
+                        request_id: header.request_id,
+                        answer,
+                    });
+                    if closes {
+                        self.end_connection(now, true, "node closed the connection", After::Retry);
+                    }
+                }
+                None => self.peer_fault(now, "malformed answer to a team request"),
+            },
             (request, Kind::Error) => self.on_error_response(request, payload, now),
             _ => self.peer_fault(now, "answer of the wrong kind"),
         }
@@ -756,8 +922,12 @@ impl<S: ClientStore> ClientSession<S> {
         if ok.protocol_version.to_native() != PROTOCOL_VERSION {
             return self.peer_fault(now, "HelloOk with another protocol version");
         }
-        let interval_ms =
-            u64::from(ok.heartbeat_interval_ms.to_native()).max(HEARTBEAT_INTERVAL_MS_MIN);
+        let announced_ms = u64::from(ok.heartbeat_interval_ms.to_native());
+        let chosen_ms = match self.config.heartbeat_interval {
+            Some(interval) => u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            None => announced_ms,
+        };
+        let interval_ms = chosen_ms.max(HEARTBEAT_INTERVAL_MS_MIN);
         let interval = Duration::from_millis(interval_ms);
         self.heartbeat_interval = Some(interval);
         self.ping_at = Some(now + interval);
@@ -1011,7 +1181,7 @@ impl<S: ClientStore> ClientSession<S> {
                 }
             }
             Request::Send { order } => self.on_send_error(order, code, known, message, now),
-            Request::Ping { .. } | Request::Sync | Request::Fetch { .. } => {
+            Request::Ping { .. } | Request::Sync | Request::Fetch { .. } | Request::Team => {
                 // These cannot fail on a healthy connection; start over on a new one.
                 self.events.push_back(Event::NodeError { code, message });
                 self.end_connection(now, true, "request failed", After::Retry);
@@ -1332,10 +1502,40 @@ fn fresh_prefix(rng: &mut SplitMix64) -> u64 {
     }
 }
 
-/// Validates an entry's nested `Message` archive and copies it out.
-fn decode_entry(entry: &ArchivedEntry) -> Option<ReceivedMessage> {
-    let message =
-        protocol::access::<ArchivedMessage>(Kind::SyncPage, entry.message.as_slice()).ok()?;
+/// Validates an entry's nested `Message` or `Record` archive and copies it out.
+pub(super) fn decode_entry(entry: &ArchivedEntry) -> Option<ReceivedMessage> {
+    let bytes = entry.message.as_slice();
+    if protocol::is_record(bytes) {
+        let record = protocol::access::<ArchivedRecord>(
+            Kind::SyncPage,
+            &bytes[protocol::RECORD_MARKER.len()..],
+        )
+        .ok()?;
+        return Some(ReceivedMessage {
+            seq: entry.seq.to_native(),
+            msg_id: record.msg_id.to_native(),
+            from_id: record.from_id.to_native(),
+            from: record.from.as_str().to_owned(),
+            to_id: record.conv.to_native(),
+            to: String::new(),
+            client_msg_id: record.client_msg_id.to_native(),
+            sent_at_ms: record.sent_at_ms.to_native(),
+            text: record.text.as_str().to_owned(),
+            record: Some(EntryRecord {
+                kind: record.kind.to_native(),
+                conv: record.conv.to_native(),
+                users: record.users.iter().map(|u| u.to_native()).collect(),
+                up_to: record.up_to.to_native(),
+                attachment: match record.attachments.first() {
+                    Some(a) => Some(
+                        rkyv::deserialize::<protocol::Attachment, rkyv::rancor::Failure>(a).ok()?,
+                    ),
+                    None => None,
+                },
+            }),
+        });
+    }
+    let message = protocol::access::<ArchivedMessage>(Kind::SyncPage, bytes).ok()?;
     Some(ReceivedMessage {
         seq: entry.seq.to_native(),
         msg_id: message.msg_id.to_native(),
@@ -1346,6 +1546,7 @@ fn decode_entry(entry: &ArchivedEntry) -> Option<ReceivedMessage> {
         client_msg_id: message.client_msg_id.to_native(),
         sent_at_ms: message.sent_at_ms.to_native(),
         text: message.text.as_str().to_owned(),
+        record: None,
     })
 }
 

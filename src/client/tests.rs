@@ -1149,6 +1149,46 @@ fn absurd_heartbeat_interval_is_clamped() {
     assert_eq!(at, h.now + Duration::from_millis(HEARTBEAT_INTERVAL_MS_MIN));
 }
 
+#[test]
+fn configured_heartbeat_interval_overrides_the_nodes() {
+    let mut config = config();
+    config.heartbeat_interval = Some(Duration::from_secs(270));
+    let mut h = Harness::new(config, MemoryStore::new());
+    h.session.connect(h.now);
+    h.actions();
+    h.session.connected(h.now);
+    let (hello_id, _) = h.sent()[0];
+    h.feed(&hello_ok(hello_id, HEARTBEAT_MS));
+    let (login_id, _) = h.sent()[0];
+    h.feed(&login_ok(login_id, 0, 0));
+    let (sync_id, _) = h.sent()[0];
+    h.feed(&sync_page(sync_id, &[], 0, false));
+    h.events();
+    assert_eq!(
+        h.session.next_timeout(),
+        Some(h.now + Duration::from_secs(270))
+    );
+}
+
+#[test]
+fn sync_now_runs_one_sync_at_a_time_and_reports_done() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    assert!(!h.session.sync_now(h.now), "no sync before login");
+    h.establish_synced();
+    assert!(h.session.sync_now(h.now));
+    assert!(!h.session.sync_now(h.now), "one sync run at a time");
+    let sent = h.sent();
+    let [(sync_id, Out::Sync(sync))] = sent.as_slice() else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(sync.after_seq, 0);
+    h.feed(&sync_page(*sync_id, &[1, 2], 2, false));
+    let events = h.events();
+    assert_eq!(Harness::delivered_seqs(&events), vec![1, 2]);
+    assert_eq!(events.last(), Some(&Event::SyncDone { head_seq: 2 }));
+    assert!(h.session.sync_now(h.now));
+}
+
 // ----- hostile input ----------------------------------------------------------------------
 
 #[test]
@@ -1438,4 +1478,97 @@ fn blocking_client_goes_offline_when_no_node_listens() {
         client.send("bob", "x").unwrap_err(),
         ClientError::NotConnected
     );
+}
+
+fn record_bytes(kind: u16, text: &str) -> Vec<u8> {
+    let record = crate::protocol::Record {
+        kind,
+        msg_id: 77,
+        conv: crate::protocol::group_conv(3),
+        from_id: 8,
+        from: "bob".into(),
+        users: vec![7, 8],
+        client_msg_id: 5,
+        sent_at_ms: 1,
+        up_to: 0,
+        text: text.into(),
+        attachments: Vec::new(),
+    };
+    let mut bytes = crate::protocol::RECORD_MARKER.to_vec();
+    rkyv::api::high::to_bytes_in::<_, Failure>(&record, &mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn record_entries_are_stored_in_order_with_their_fields() {
+    use crate::protocol::record_kind;
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.establish_synced();
+    let push = Push {
+        entries: vec![
+            Entry {
+                seq: 1,
+                message: record_bytes(record_kind::GROUP_CREATED, "team"),
+            },
+            Entry {
+                seq: 2,
+                message: message_bytes(2),
+            },
+            Entry {
+                seq: 3,
+                message: record_bytes(record_kind::GROUP_MESSAGE, "hello all"),
+            },
+        ],
+    };
+    h.feed(&frame(Kind::Push, 0, &push));
+    let events = h.events();
+    assert_eq!(Harness::delivered_seqs(&events), vec![1, 2, 3]);
+    let stored = h.session.store().entries();
+    let created = stored[0].record.as_ref().unwrap();
+    assert_eq!(
+        (created.kind, created.users.as_slice()),
+        (record_kind::GROUP_CREATED, &[7, 8][..])
+    );
+    assert_eq!(stored[0].group_id(), Some(3));
+    assert!(!stored[0].is_message());
+    assert!(stored[1].record.is_none() && stored[1].is_message());
+    assert_eq!(
+        (stored[2].text.as_str(), stored[2].is_message()),
+        ("hello all", true)
+    );
+}
+
+#[test]
+fn corrupt_record_entry_drops_the_connection() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.establish_synced();
+    let mut bad = record_bytes(crate::protocol::record_kind::GROUP_MESSAGE, "x");
+    let len = bad.len();
+    bad.truncate(len - 3);
+    let push = Push {
+        entries: vec![Entry {
+            seq: 1,
+            message: bad,
+        }],
+    };
+    h.feed(&frame(Kind::Push, 0, &push));
+    assert!(h.actions().contains(&Action::Disconnect));
+    assert_eq!(h.session.last_seq(), 0);
+}
+
+#[test]
+fn refused_team_request_is_an_event_and_keeps_the_connection() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.establish_synced();
+    let now = h.now;
+    let id = h.session.group_query(9, now).expect("established");
+    h.feed(&error(id, ErrorCode::NotMember));
+    let events = h.events();
+    assert!(matches!(
+        &events[..],
+        [Event::Team { request_id, answer: crate::client::TeamAnswer::Failed { code, .. } }]
+            if *request_id == id && *code == ErrorCode::NotMember as u16
+    ));
+    assert!(h.session.is_established());
+    assert!(h.actions().is_empty());
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::{Backend, BackendStats, Handler, Transmit, Wake};
+use super::{Backend, BackendStats, Handler, StatsCell, Transmit, Wake};
 use crate::ids::ConnId;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -20,6 +20,9 @@ const WAKER: Token = Token(usize::MAX - 2);
 
 /// Shard-wide read buffer.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
+/// Capacity an empty output buffer keeps (enough for the small frames of a quiet
+/// connection: pongs, acks, one-message pushes); larger buffers are freed once written.
+const OUTPUT_BUFFER_KEEP_MAX: usize = 1024;
 /// Bytes read from one connection per turn before others get their turn.
 const READ_TURN_BYTES_MAX: usize = 4 * READ_BUFFER_SIZE;
 /// Readiness events taken per wait.
@@ -53,6 +56,7 @@ pub struct EpollBackend {
     /// Connections that still had input when their read budget ran out.
     ready: Vec<ConnId>,
     stats: BackendStats,
+    stats_cell: Arc<StatsCell>,
 }
 
 struct MioWake(Waker);
@@ -65,7 +69,10 @@ impl Wake for MioWake {
 }
 
 impl EpollBackend {
-    pub fn new(listener: std::net::TcpListener) -> io::Result<EpollBackend> {
+    pub fn new(
+        listener: std::net::TcpListener,
+        stats_cell: Arc<StatsCell>,
+    ) -> io::Result<EpollBackend> {
         listener.set_nonblocking(true)?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
@@ -81,6 +88,7 @@ impl EpollBackend {
             read_buffer: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
             ready: Vec::new(),
             stats: BackendStats::default(),
+            stats_cell,
         })
     }
 
@@ -200,11 +208,10 @@ impl EpollBackend {
                 Err(_) => return false,
             }
         }
-        if sock.backlog.is_empty() {
-            // Give the memory back: a stalled peer's backlog can be large.
-            if sock.backlog.capacity() > READ_BUFFER_SIZE {
-                sock.backlog = Vec::new();
-            }
+        if sock.backlog.is_empty() && sock.backlog.capacity() > OUTPUT_BUFFER_KEEP_MAX {
+            // Give the memory back: after a sync page or a stalled peer's backlog, an idle
+            // connection would otherwise keep tens of KiB for the rest of its life.
+            sock.backlog = Vec::new();
         }
         let want_write = !sock.backlog.is_empty();
         if want_write != sock.write_interest {
@@ -273,6 +280,9 @@ impl Transmit for EpollBackend {
         } else {
             sock.backlog.extend_from_slice(bytes);
             bytes.clear();
+            if bytes.capacity() > OUTPUT_BUFFER_KEEP_MAX {
+                *bytes = Vec::new();
+            }
         }
         if !Self::write_backlog(registry_poll, conn, sock) {
             // The peer is gone; the read side reports the close.
@@ -292,6 +302,7 @@ impl Backend for EpollBackend {
         let mut events = Events::with_capacity(EVENTS_MAX);
         loop {
             let now = Instant::now();
+            self.stats_cell.publish_if_requested(|| self.stats());
             let timeout = handler.tick(now);
             handler.flush(self);
             if handler.should_stop() {
@@ -359,12 +370,10 @@ impl Backend for EpollBackend {
 
     fn stats(&self) -> BackendStats {
         let mut stats = self.stats;
-        stats.backlog_bytes = self
-            .slots
-            .iter()
-            .filter_map(|s| s.sock.as_ref())
-            .map(|s| s.backlog.len())
-            .sum();
+        for sock in self.slots.iter().filter_map(|s| s.sock.as_ref()) {
+            stats.backlog_bytes += sock.backlog.len();
+            stats.write_buffers += usize::from(sock.backlog.capacity() > 0);
+        }
         stats
     }
 }

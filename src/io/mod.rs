@@ -10,12 +10,16 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::ids::ConnId;
 
 pub mod epoll;
+pub mod probe;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub mod uring;
 
 /// What a shard does when its backend reports something. Every method is called on the
 /// shard's own thread, never concurrently.
@@ -33,6 +37,14 @@ pub trait Handler {
     fn flush(&mut self, transmit: &mut dyn Transmit);
     /// True once the shard wants its loop to end.
     fn should_stop(&self) -> bool;
+    /// True when the work since the last call was heartbeats (pings in, pongs out) and
+    /// the shard has seen no message traffic for a while, so the backend may let its next
+    /// wait gather more completions for a bounded moment (`limits::HEARTBEAT_COALESCE_US`)
+    /// before it runs a turn. Message traffic (requests, store completions, pushes) makes
+    /// it false. Resets on each call.
+    fn heartbeats_only(&mut self) -> bool {
+        false
+    }
 }
 
 /// The backend side of output, given to `Handler::flush`.
@@ -49,14 +61,70 @@ pub trait Wake: Send + Sync {
     fn wake(&self);
 }
 
-/// Counters a backend exposes for tests and stats.
+/// Counters a backend exposes for tests and stats. At rest (no traffic, no connections)
+/// every gauge here is zero; the churn test checks that.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendStats {
     pub connections_open: usize,
+    /// Connections the loop closed whose socket still waits for the kernel's last
+    /// completions (io_uring: cancelled or lingering operations; epoll: always 0).
+    pub connections_closing: usize,
     pub accepted_total: u64,
     pub closed_total: u64,
     /// Bytes queued for the kernel across all connections.
     pub backlog_bytes: usize,
+    /// Connections holding an output buffer (allocated only while output is pending).
+    pub write_buffers: usize,
+    /// Shard-wide read buffers handed out and not yet given back (io_uring provided
+    /// buffers outside the ring; epoll: always 0, it reads into one shard buffer).
+    pub read_buffers_held: usize,
+}
+
+impl BackendStats {
+    pub fn add(&mut self, other: &BackendStats) {
+        self.connections_open += other.connections_open;
+        self.connections_closing += other.connections_closing;
+        self.accepted_total += other.accepted_total;
+        self.closed_total += other.closed_total;
+        self.backlog_bytes += other.backlog_bytes;
+        self.write_buffers += other.write_buffers;
+        self.read_buffers_held += other.read_buffers_held;
+    }
+}
+
+/// Where a backend publishes its stats when another thread asks (`tern serve` on SIGUSR1).
+/// The loop checks one flag per turn; the O(connections) count runs only when asked.
+#[derive(Default)]
+pub struct StatsCell {
+    requested: AtomicBool,
+    published: AtomicU64,
+    snapshot: Mutex<BackendStats>,
+}
+
+impl StatsCell {
+    /// Asks for a snapshot; returns the publication count to wait past.
+    pub fn request(&self) -> u64 {
+        let seen = self.published.load(Ordering::Acquire);
+        self.requested.store(true, Ordering::Release);
+        seen
+    }
+
+    /// Called by the loop once per turn.
+    pub fn publish_if_requested(&self, stats: impl FnOnce() -> BackendStats) {
+        if self.requested.load(Ordering::Relaxed) && self.requested.swap(false, Ordering::AcqRel) {
+            *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = stats();
+            self.published.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// The snapshot published after `seen`, if one was.
+    pub fn published_after(&self, seen: u64) -> Option<BackendStats> {
+        if self.published.load(Ordering::Acquire) > seen {
+            Some(*self.snapshot.lock().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            None
+        }
+    }
 }
 
 /// A shard's event loop.
@@ -72,12 +140,16 @@ pub trait Backend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoKind {
     Epoll,
+    /// Only on targets where io_uring is built (x86_64, aarch64), and only after the
+    /// start-up probe passed; see `probe::select`.
+    Uring,
 }
 
 impl IoKind {
     pub fn name(self) -> &'static str {
         match self {
             IoKind::Epoll => "epoll",
+            IoKind::Uring => "uring",
         }
     }
 }

@@ -33,6 +33,24 @@ pub enum ErrorCode {
     InvalidArgument = 13,
     /// The node is shutting down.
     ShuttingDown = 14,
+    /// No group has this id. The connection stays open.
+    UnknownGroup = 15,
+    /// The caller is not a member of the group (or the conversation), or a named user is
+    /// not a member where one must be. The connection stays open.
+    NotMember = 16,
+    /// Only the group's owner may do this. The connection stays open.
+    NotOwner = 17,
+    /// The group would exceed `GROUP_MEMBERS_MAX` members, or a user `USER_GROUPS_MAX`
+    /// groups. The connection stays open.
+    GroupFull = 18,
+    /// The upload would exceed the user's or the node's file quota. The connection stays
+    /// open.
+    QuotaExceeded = 19,
+    /// No file (or no upload in progress on this connection) has this id.
+    UnknownFile = 20,
+    /// An upload's bytes do not match what its start announced (size or SHA-256), or a
+    /// chunk's offset is not where the upload stands. The connection stays open.
+    FileMismatch = 21,
 }
 
 impl ErrorCode {
@@ -53,6 +71,13 @@ impl ErrorCode {
             12 => ReplacedByNewLogin,
             13 => InvalidArgument,
             14 => ShuttingDown,
+            15 => UnknownGroup,
+            16 => NotMember,
+            17 => NotOwner,
+            18 => GroupFull,
+            19 => QuotaExceeded,
+            20 => UnknownFile,
+            21 => FileMismatch,
             _ => return None,
         })
     }
@@ -90,6 +115,13 @@ impl ErrorCode {
             ReplacedByNewLogin => "replaced_by_new_login",
             InvalidArgument => "invalid_argument",
             ShuttingDown => "shutting_down",
+            UnknownGroup => "unknown_group",
+            NotMember => "not_member",
+            NotOwner => "not_owner",
+            GroupFull => "group_full",
+            QuotaExceeded => "quota_exceeded",
+            UnknownFile => "unknown_file",
+            FileMismatch => "file_mismatch",
         }
     }
 }
@@ -100,12 +132,12 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in 1..=14u16 {
+        for code in 1..=21u16 {
             let e = ErrorCode::from_u16(code).unwrap();
             assert_eq!(e as u16, code);
             assert!(!e.name().is_empty());
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(15), None);
+        assert_eq!(ErrorCode::from_u16(22), None);
     }
 }

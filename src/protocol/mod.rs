@@ -7,14 +7,20 @@
 
 mod codec;
 mod error;
+mod files;
 mod messages;
+mod presence;
+mod team;
 
 pub use codec::{
     DecodeError, FrameHeader, FrameReader, Kind, access, encode, encode_with, frame_len,
     read_header,
 };
 pub use error::ErrorCode;
+pub use files::*;
 pub use messages::*;
+pub use presence::*;
+pub use team::*;
 
 /// Protocol version spoken by this build. A hello with another version is refused with
 /// `ErrorCode::UnsupportedVersion`.

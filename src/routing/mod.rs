@@ -5,6 +5,8 @@
 //! wakes only the shards with a device of the recipient or the sender. The directory holds
 //! no connection state beyond (shard, conn, device) triples and does no I/O.
 
+pub mod presence;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -23,6 +25,9 @@ pub struct Presence {
 
 pub struct Directory {
     stripes: Vec<Mutex<HashMap<UserId, Vec<Presence>>>>,
+    /// Who is online and who watches whom (`presence`); shared with the directory so every
+    /// shard reaches it through the same handle.
+    pub presence: presence::PresenceBoard,
 }
 
 impl Default for Directory {
@@ -37,6 +42,7 @@ impl Directory {
             stripes: (0..DIRECTORY_STRIPES)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            presence: presence::PresenceBoard::new(),
         }
     }
 

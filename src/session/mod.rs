@@ -4,7 +4,7 @@
 //! can answer alone (hello, ping, protocol errors) and hands the rest to the shard as owned
 //! `Request`s. The shard answers through the `reply_*` and `push_*` methods, which encode
 //! into the connection's output buffer. This module does not touch sockets, the store, the
-//! clock or other connections.
+//! clock or other connections. `team` parses the team-messaging frames.
 
 use crate::ids::UserId;
 use crate::limits::{
@@ -65,6 +65,96 @@ pub enum Request {
     },
     DeviceAck {
         up_to_seq: u64,
+    },
+    // Team messaging (`session::team`, `shard::team`).
+    GroupOp {
+        request_id: u32,
+        op: u8,
+        group_id: u64,
+        name: String,
+        users: Vec<String>,
+    },
+    GroupQuery {
+        request_id: u32,
+        group_id: u64,
+    },
+    GroupList {
+        request_id: u32,
+        after_group_id: u64,
+        limit: u32,
+    },
+    GroupSend {
+        request_id: u32,
+        group_id: u64,
+        client_msg_id: u64,
+        text: String,
+    },
+    History {
+        request_id: u32,
+        conv: u64,
+        before_seq: u64,
+        limit: u32,
+    },
+    Conversations {
+        request_id: u32,
+        offset: u32,
+        limit: u32,
+    },
+    Read {
+        request_id: u32,
+        conv: u64,
+        up_to_seq: u64,
+    },
+    PresenceSubscribe {
+        request_id: u32,
+        users: Vec<String>,
+    },
+    PresenceQuery {
+        request_id: u32,
+        users: Vec<String>,
+    },
+    /// No answer unless refused.
+    Typing {
+        request_id: u32,
+        conv: u64,
+    },
+    // Files (`session::files`, `shard::files`).
+    UploadStart {
+        request_id: u32,
+        name: String,
+        mime: String,
+        size: u64,
+        sha256: [u8; 32],
+    },
+    UploadChunk {
+        request_id: u32,
+        upload_id: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    UploadFinish {
+        request_id: u32,
+        upload_id: u64,
+    },
+    FileSend {
+        request_id: u32,
+        /// Empty for a group message.
+        to: String,
+        group_id: u64,
+        client_msg_id: u64,
+        file_id: u64,
+        thumbnail_id: u64,
+        media: u8,
+        duration_ms: u32,
+        width: u32,
+        height: u32,
+        text: String,
+    },
+    Download {
+        request_id: u32,
+        file_id: u64,
+        offset: u64,
+        length: u32,
     },
 }
 
@@ -128,15 +218,17 @@ impl Conn {
     }
 
     /// Feeds bytes from the peer. Requests for the shard are appended to `requests`.
+    /// Returns true when these bytes completed at least one frame and every one was a
+    /// ping: heartbeat traffic, which the loop may batch with others for a moment.
     pub fn receive(
         &mut self,
         bytes: &[u8],
         now_ms: u64,
         config: &SessionConfig,
         requests: &mut Vec<Request>,
-    ) {
+    ) -> bool {
         if self.phase == Phase::Closing {
-            return;
+            return false;
         }
         self.last_rx_ms = now_ms;
         if self.phase == Phase::LoggingIn {
@@ -147,11 +239,13 @@ impl Conn {
                     ErrorCode::ProtocolViolation,
                     "too much data before login completed",
                 );
-                return;
+                return false;
             }
             self.held.extend_from_slice(bytes);
-            return;
+            return false;
         }
+        let mut only_pings = true;
+        let mut frames = 0u32;
         let Conn {
             phase,
             reader,
@@ -160,6 +254,8 @@ impl Conn {
             ..
         } = self;
         let result = reader.feed(bytes, |header, payload| {
+            only_pings &= header.kind == Kind::Ping;
+            frames += 1;
             match handle_frame(phase, out, config, header, payload, requests) {
                 Ok(()) => {}
                 Err((request_id, code, message)) => {
@@ -176,12 +272,16 @@ impl Conn {
             *phase != Phase::Closing
         });
         match result {
-            Err(error) => self.fail(0, ErrorCode::MalformedFrame, &error.to_string()),
+            Err(error) => {
+                self.fail(0, ErrorCode::MalformedFrame, &error.to_string());
+                false
+            }
             Ok(consumed) if *phase == Phase::LoggingIn => {
                 // The reader stopped after the login frame; keep what followed it.
                 held.extend_from_slice(&bytes[consumed..]);
+                false
             }
-            Ok(_) => {}
+            Ok(_) => frames > 0 && only_pings && *phase != Phase::Closing,
         }
     }
 
@@ -257,6 +357,22 @@ impl Conn {
         }
     }
 
+    /// Answers a request with one frame of `kind` carrying `value`.
+    pub fn reply<T>(&mut self, kind: Kind, request_id: u32, value: &T)
+    where
+        T: for<'a> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    Vec<u8>,
+                    rkyv::ser::allocator::ArenaHandle<'a>,
+                    rkyv::rancor::Failure,
+                >,
+            >,
+    {
+        if self.phase != Phase::Closing {
+            protocol::encode(&mut self.out, kind, request_id, value);
+        }
+    }
+
     /// Pushes timeline entries (already committed) to an established connection.
     pub fn push(&mut self, entries: Vec<EntryRef<'_>>) {
         if self.is_authenticated() && !entries.is_empty() {
@@ -312,7 +428,12 @@ fn handle_frame(
                 ));
             }
             if hello.client.len() > CLIENT_NAME_SIZE_MAX {
-                return Err((id, ErrorCode::TooLarge, "client name too long".into()));
+                // A hello the node refuses ends the connection, like a wrong version.
+                return Err((
+                    id,
+                    ErrorCode::ProtocolViolation,
+                    "client name too long".into(),
+                ));
             }
             let ok = HelloOk {
                 protocol_version: protocol::PROTOCOL_VERSION,
@@ -358,6 +479,11 @@ fn handle_frame(
             Ok(())
         }
         (Phase::AwaitLogin, Kind::Ping) => answer_ping(out, header, payload),
+        (Phase::AwaitLogin, Kind::Hello) => Err((
+            id,
+            ErrorCode::ProtocolViolation,
+            "hello was already answered".into(),
+        )),
         (Phase::AwaitLogin, _) => Err((id, ErrorCode::NotAuthenticated, "log in first".into())),
         (Phase::Established, Kind::Ping) => answer_ping(out, header, payload),
         (Phase::Established, Kind::Send) => {
@@ -405,6 +531,12 @@ fn handle_frame(
             });
             Ok(())
         }
+        (Phase::Established, kind) if team::is_team_request(kind) => {
+            team::handle_frame(out, header, payload, requests)
+        }
+        (Phase::Established, kind) if files::is_file_request(kind) => {
+            files::handle_frame(out, header, payload, requests)
+        }
         (_, kind) => Err((
             id,
             ErrorCode::ProtocolViolation,
@@ -426,6 +558,9 @@ fn answer_ping(out: &mut Vec<u8>, header: FrameHeader, payload: &[u8]) -> Result
     );
     Ok(())
 }
+
+mod files;
+mod team;
 
 #[cfg(test)]
 mod tests;

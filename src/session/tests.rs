@@ -288,3 +288,88 @@ fn kick_sends_kicked_and_closes() {
     assert!(conn.is_closing());
     assert!(frames[0].2.len() < FRAME_HEADER_SIZE + 300);
 }
+
+#[test]
+fn bad_team_and_file_fields_are_refused_without_closing() {
+    use crate::protocol::{GroupOp, GroupSend, PresenceQuery, UploadChunk, UploadStart};
+    let mut conn = established();
+    let mut requests = Vec::new();
+    let mut input = Vec::new();
+    let op = |op: u8, name: &str, users: Vec<String>| GroupOp {
+        op,
+        group_id: 1,
+        name: name.into(),
+        users,
+    };
+    input.extend(frame(Kind::GroupOp, 10, &op(9, "x", vec![])));
+    input.extend(frame(Kind::GroupOp, 11, &op(1, &"n".repeat(65), vec![])));
+    input.extend(frame(Kind::GroupOp, 12, &op(2, "", vec![String::new()])));
+    input.extend(frame(Kind::GroupOp, 13, &op(2, "", vec!["u".into(); 257])));
+    let send = |client_msg_id, text: String| GroupSend {
+        group_id: 1,
+        client_msg_id,
+        text,
+    };
+    input.extend(frame(Kind::GroupSend, 14, &send(0, "hi".into())));
+    input.extend(frame(
+        Kind::GroupSend,
+        15,
+        &send(1, "x".repeat(16 * 1024 + 1)),
+    ));
+    let start = |sha256: Vec<u8>, size| UploadStart {
+        name: "f".into(),
+        mime: "m".into(),
+        size,
+        sha256,
+    };
+    input.extend(frame(Kind::UploadStart, 16, &start(vec![0; 31], 10)));
+    input.extend(frame(
+        Kind::UploadStart,
+        17,
+        &start(vec![0; 32], (64 << 20) + 1),
+    ));
+    let chunk = UploadChunk {
+        upload_id: 1,
+        offset: 0,
+        data: vec![0; 48 * 1024 + 1],
+    };
+    input.extend(frame(Kind::UploadChunk, 18, &chunk));
+    let query = PresenceQuery {
+        users: vec!["u".into(); 257],
+    };
+    input.extend(frame(Kind::PresenceQuery, 19, &query));
+    // A valid one at the end: the connection is still reading.
+    input.extend(frame(Kind::GroupSend, 20, &send(1, "fine".into())));
+    conn.receive(&input, 1, &config(), &mut requests);
+    let codes: Vec<(u32, u16)> = take_frames(&mut conn)
+        .iter()
+        .map(|(kind, id, payload)| {
+            assert_eq!(*kind, Kind::Error);
+            (*id, error_code(payload))
+        })
+        .collect();
+    use ErrorCode::*;
+    let expected = [
+        (10, InvalidArgument),
+        (11, TooLarge),
+        (12, UnknownUser),
+        (13, GroupFull),
+        (14, InvalidArgument),
+        (15, TooLarge),
+        (16, InvalidArgument),
+        (17, TooLarge),
+        (18, TooLarge),
+        (19, TooLarge),
+    ];
+    assert_eq!(codes, expected.map(|(id, code)| (id, code as u16)).to_vec());
+    assert!(!conn.is_closing());
+    assert_eq!(
+        requests,
+        vec![Request::GroupSend {
+            request_id: 20,
+            group_id: 1,
+            client_msg_id: 1,
+            text: "fine".into(),
+        }]
+    );
+}

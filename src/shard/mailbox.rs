@@ -25,6 +25,16 @@ pub enum ShardMsg {
     Deliver(Delivery),
     /// Another login replaced this connection's device.
     Kick { conn: ConnId },
+    /// A user watched by `conn` came online or went offline.
+    Presence {
+        conn: ConnId,
+        push: crate::protocol::PresencePush,
+    },
+    /// Someone is typing to `user`, who has a device on this shard. Never stored.
+    Typing {
+        user: crate::ids::UserId,
+        push: std::sync::Arc<crate::protocol::TypingPush>,
+    },
 }
 
 pub struct Mailbox {
@@ -101,9 +111,7 @@ impl Router {
 impl CommitSink for Router {
     fn committed(&mut self, results: &mut Vec<OpResult>, deliveries: &mut Vec<Delivery>) {
         for result in results.drain(..) {
-            let origin = match &result {
-                OpResult::SendAcked { origin, .. } | OpResult::SendFailed { origin, .. } => *origin,
-            };
+            let origin = result.origin();
             let shard = origin.shard.0 as usize;
             self.mailboxes[shard].put_waiting(ShardMsg::Result(result));
             self.touched[shard] = true;

@@ -6,7 +6,10 @@
 //! and learns of commits through its mailbox. Architecture invariant: a shard thread never
 //! blocks outside its backend's wait, except for a password hash at first login.
 
+mod files;
 pub mod mailbox;
+mod presence;
+mod team;
 pub mod timer_wheel;
 
 use std::collections::HashMap;
@@ -20,8 +23,9 @@ use crate::ids::{ConnId, ShardId, UserId};
 use crate::io::{Handler, Transmit};
 use crate::limits::{
     CONNECTION_BACKLOG_MAX, CONNECTION_INFLIGHT_MAX, HANDSHAKE_TIMEOUT_MS,
-    IDLE_TIMEOUT_INTERVAL_TENTHS, SHARD_CONNECTIONS_MAX, SHARD_UNAUTHENTICATED_MAX,
-    SYNC_PAGE_BYTES_MAX, SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS, TIMER_TICK_MS,
+    HEARTBEAT_COALESCE_QUIET_MS, IDLE_TIMEOUT_INTERVAL_TENTHS, SHARD_CONNECTIONS_MAX,
+    SHARD_UNAUTHENTICATED_MAX, SYNC_PAGE_BYTES_MAX, SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS,
+    TIMER_TICK_MS,
 };
 use crate::protocol::{EntryRef, ErrorCode, LoginOk, SyncPageRef};
 use crate::routing::Directory;
@@ -74,6 +78,22 @@ pub struct Shard {
     deliveries: Vec<Delivery>,
     /// Kicks for other shards whose mailboxes were full; retried next turn.
     kicks_pending: Vec<(ShardId, ConnId)>,
+    /// Something other than heartbeats was handled since `heartbeats_only` last asked.
+    urgent: bool,
+    /// A ping was answered since `heartbeats_only` last asked.
+    pinged: bool,
+    /// Monotonic ms of the last urgent work; heartbeat coalescing waits for a quiet spell.
+    last_urgent_ms: u64,
+    /// Monotonic ms of the latest event this shard saw.
+    now_ms: u64,
+    /// Presence watches and typing rate of this shard's connections.
+    presence_conns: HashMap<ConnId, presence::ConnPresence>,
+    /// Presence changes and typing indicators for other shards whose mailboxes were full;
+    /// retried next turn.
+    ephemeral_pending: Vec<(ShardId, ShardMsg)>,
+    /// Uploads in progress per connection (at most `UPLOADS_PER_CONNECTION_MAX` each).
+    uploads: HashMap<ConnId, Vec<files::Upload>>,
+    next_upload_id: u64,
     stats: ShardStats,
 }
 
@@ -92,6 +112,14 @@ impl Shard {
             expired: Vec::new(),
             deliveries: Vec::new(),
             kicks_pending: Vec::new(),
+            urgent: false,
+            pinged: false,
+            last_urgent_ms: 0,
+            now_ms: 0,
+            presence_conns: HashMap::new(),
+            ephemeral_pending: Vec::new(),
+            uploads: HashMap::new(),
+            next_upload_id: 0,
             stats: ShardStats::default(),
         }
     }
@@ -141,6 +169,8 @@ impl Shard {
         }
         let conn = slot.conn.take()?;
         self.stats.connections -= 1;
+        // The temp files stay: a later start of the same content resumes them.
+        self.uploads.remove(&conn_id);
         if let Some(identity) = conn.identity() {
             self.ctx
                 .directory
@@ -151,6 +181,7 @@ impl Shard {
                     self.online.remove(&identity.user);
                 }
             }
+            self.presence_forgotten(conn_id, identity.user);
         } else {
             self.stats.unauthenticated -= 1;
         }
@@ -197,6 +228,13 @@ impl Shard {
                     device: identity.device,
                     up_to_seq,
                 });
+            }
+            other => {
+                let unhandled = self
+                    .handle_team_request(conn_id, other)
+                    .and_then(|other| self.handle_presence_request(conn_id, other, now_ms))
+                    .and_then(|other| self.handle_file_request(conn_id, other));
+                debug_assert!(unhandled.is_none(), "request without a handler");
             }
         }
     }
@@ -278,6 +316,7 @@ impl Shard {
         self.stats.unauthenticated -= 1;
         self.stats.logins += 1;
         self.online.entry(user_id).or_default().push(conn_id);
+        self.presence_connected(user_id);
         self.mark_dirty(conn_id);
     }
 
@@ -414,6 +453,25 @@ impl Shard {
                 let (origin, outcome) = match result {
                     OpResult::SendAcked { origin, ack } => (origin, Ok(ack)),
                     OpResult::SendFailed { origin, code } => (origin, Err(code)),
+                    OpResult::Answered { origin, reply } => {
+                        if let Some(conn) = self.conn_mut(origin.conn) {
+                            conn.inflight = conn.inflight.saturating_sub(1);
+                        }
+                        self.answer_reply(origin.conn, origin.request_id, reply);
+                        return;
+                    }
+                    OpResult::Refused {
+                        origin,
+                        code,
+                        message,
+                    } => {
+                        if let Some(conn) = self.conn_mut(origin.conn) {
+                            conn.inflight = conn.inflight.saturating_sub(1);
+                            conn.reply_error(origin.request_id, code, message);
+                            self.mark_dirty(origin.conn);
+                        }
+                        return;
+                    }
                 };
                 let Some(conn) = self.conn_mut(origin.conn) else {
                     return;
@@ -441,6 +499,9 @@ impl Shard {
                     self.mark_dirty(conn);
                 }
             }
+            msg @ (ShardMsg::Presence { .. } | ShardMsg::Typing { .. }) => {
+                self.handle_ephemeral(msg)
+            }
         }
     }
 
@@ -455,6 +516,7 @@ impl Shard {
             let mut bytes = deliveries[start].message.len();
             while end < deliveries.len()
                 && deliveries[end].user == user
+                && end - start < SYNC_PAGE_ENTRIES_MAX as usize
                 && bytes + deliveries[end].message.len() <= SYNC_PAGE_BYTES_MAX
             {
                 bytes += deliveries[end].message.len();
@@ -521,8 +583,14 @@ impl Handler for Shard {
         let Some(conn) = self.conn_mut(conn_id) else {
             return;
         };
-        conn.receive(bytes, now_ms, &session, &mut requests);
+        let heartbeat = conn.receive(bytes, now_ms, &session, &mut requests);
         let has_output = !conn.output().is_empty() || conn.is_closing();
+        self.now_ms = now_ms;
+        if heartbeat {
+            self.pinged = true;
+        } else {
+            self.urgent = true;
+        }
         self.requests = requests;
         self.handle_requests(conn_id, now_ms);
         if has_output {
@@ -536,15 +604,18 @@ impl Handler for Shard {
 
     fn tick(&mut self, now: Instant) -> Option<Duration> {
         let now_ms = self.now_ms(now);
+        self.now_ms = now_ms;
         for (shard, conn) in std::mem::take(&mut self.kicks_pending) {
             self.kick(shard, conn);
         }
+        self.retry_ephemeral();
         let mailboxes = self.ctx.mailboxes.clone();
         let mailbox = &mailboxes[self.id.0 as usize];
         // Bounded: at most what was queued when the turn began, so a busy writer cannot
         // keep this loop from its sockets.
         for _ in 0..mailbox.len() {
             let Some(msg) = mailbox.take() else { break };
+            self.urgent = true;
             self.handle_mail(msg);
         }
         self.push_deliveries();
@@ -566,6 +637,7 @@ impl Handler for Shard {
                 continue;
             }
             self.stats.timeouts += 1;
+            self.urgent = true;
             let conn = self.conn_mut(conn_id).expect("checked above");
             let message = if conn.is_authenticated() {
                 "idle timeout"
@@ -579,7 +651,7 @@ impl Handler for Shard {
         if self.ctx.stop.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
         }
-        if !self.kicks_pending.is_empty() {
+        if !self.kicks_pending.is_empty() || !self.ephemeral_pending.is_empty() {
             return Some(Duration::from_millis(1));
         }
         self.wheel.timeout_ms(now_ms).map(Duration::from_millis)
@@ -622,6 +694,20 @@ impl Handler for Shard {
 
     fn should_stop(&self) -> bool {
         self.ctx.stop.load(Ordering::Relaxed) && self.stats.connections == 0
+    }
+
+    fn heartbeats_only(&mut self) -> bool {
+        // Timeouts and kicks count as urgent too: they are rare and must not wait.
+        if self.urgent || !self.kicks_pending.is_empty() {
+            self.last_urgent_ms = self.now_ms;
+        }
+        // Coalesce only in a quiet spell of pure heartbeats: while messages flow, no wait
+        // is stretched.
+        let coalesce = self.pinged
+            && self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS;
+        self.urgent = false;
+        self.pinged = false;
+        coalesce
     }
 }
 

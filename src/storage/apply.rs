@@ -8,11 +8,15 @@ use std::sync::Arc;
 
 use heed::{PutFlags, RwTxn};
 
+use super::conversations::{self, NoteKind};
+use super::files::{self, FileCommitFields, FileSendFields};
+use super::groups::{self, GroupOpFields, GroupSendFields};
+use super::receipts;
 use super::schema::{self, Dbs, DedupEntry, DeviceKey, META_NEXT_MSG_ID};
 use super::writer::{Delivery, OpResult, Origin, WriteOp};
 use super::{Store, StoreError};
 use crate::ids::UserId;
-use crate::protocol::{Message, SendAck};
+use crate::protocol::{Message, RECORD_MARKER, Record, SendAck};
 
 /// Bytes of an archived `Message` beyond its three strings: five u64 fields and three
 /// string headers, rounded up. Only sizes the serialisation buffer.
@@ -22,7 +26,12 @@ const MESSAGE_ARCHIVE_OVERHEAD: usize = 64;
 /// instead of letting it abort its whole batch.
 pub(super) fn check(op: &WriteOp) -> Result<(), StoreError> {
     match op {
-        WriteOp::Send { .. } => Ok(()),
+        WriteOp::Send { .. }
+        | WriteOp::GroupOp { .. }
+        | WriteOp::GroupSend { .. }
+        | WriteOp::Read { .. }
+        | WriteOp::FileCommit { .. }
+        | WriteOp::FileSend(_) => Ok(()),
         WriteOp::DeviceAck { user, device, .. } => match DeviceKey::new(*user, device) {
             Some(_) => Ok(()),
             None => Err(StoreError::InvalidArgument("device name")),
@@ -73,7 +82,103 @@ pub(super) fn in_one_txn(
                 device,
                 up_to_seq,
             } => {
-                apply_device_ack(&mut txn, dbs, *user, device, *up_to_seq)?;
+                let acked = apply_device_ack(&mut txn, dbs, *user, device, *up_to_seq)?;
+                receipts::on_device_ack(&mut txn, dbs, *user, acked, wall_clock_ms(), deliveries)?;
+            }
+            WriteOp::GroupOp {
+                origin,
+                actor,
+                actor_name,
+                op,
+                group_id,
+                name,
+                users,
+                at_ms,
+            } => {
+                let fields = GroupOpFields {
+                    origin: *origin,
+                    actor: *actor,
+                    actor_name,
+                    op: *op,
+                    group_id: *group_id,
+                    name,
+                    users,
+                    at_ms: *at_ms,
+                };
+                groups::apply_group_op(&mut txn, dbs, fields, results, deliveries)?;
+            }
+            WriteOp::GroupSend {
+                origin,
+                from,
+                from_name,
+                group_id,
+                client_msg_id,
+                text,
+                sent_at_ms,
+            } => {
+                let fields = GroupSendFields {
+                    origin: *origin,
+                    from: *from,
+                    from_name,
+                    group_id: *group_id,
+                    client_msg_id: *client_msg_id,
+                    text,
+                    sent_at_ms: *sent_at_ms,
+                };
+                groups::apply_group_send(&mut txn, dbs, fields, results, deliveries)?;
+            }
+            WriteOp::Read {
+                origin,
+                user,
+                user_name,
+                conv,
+                up_to_seq,
+                at_ms,
+            } => {
+                conversations::apply_read(
+                    &mut txn, dbs, *origin, *user, user_name, *conv, *up_to_seq, *at_ms, results,
+                    deliveries,
+                )?;
+            }
+            WriteOp::FileCommit {
+                origin,
+                owner,
+                name,
+                mime,
+                size,
+                sha256,
+                at_ms,
+            } => {
+                let fields = FileCommitFields {
+                    origin: *origin,
+                    owner: *owner,
+                    name,
+                    mime,
+                    size: *size,
+                    sha256: *sha256,
+                    files_dir: store.files_dir(),
+                    at_ms: *at_ms,
+                };
+                files::apply_file_commit(&mut txn, dbs, fields, results)?;
+            }
+            WriteOp::FileSend(op) => {
+                let fields = FileSendFields {
+                    origin: op.origin,
+                    from: op.from,
+                    from_name: &op.from_name,
+                    to: op.to,
+                    group_id: op.group_id,
+                    client_msg_id: op.client_msg_id,
+                    file_id: op.file_id,
+                    thumbnail_id: op.thumbnail_id,
+                    media: op.media,
+                    duration_ms: op.duration_ms,
+                    width: op.width,
+                    height: op.height,
+                    text: &op.text,
+                    sent_at_ms: op.sent_at_ms,
+                };
+                files::apply_file_send(&mut txn, dbs, fields, results, deliveries)?;
             }
         }
     }
@@ -137,11 +242,34 @@ fn apply_send(
     schema::counter_set(txn, dbs, META_NEXT_MSG_ID, msg_id + 1)?;
 
     let to_seq = append_to_timeline(txn, dbs, send.to, msg_id)?;
+    conversations::note(
+        txn,
+        dbs,
+        send.to,
+        send.from.0,
+        to_seq,
+        msg_id,
+        send.from,
+        send.sent_at_ms,
+        NoteKind::Message,
+    )?;
     let from_seq = if send.from == send.to {
         // A note to oneself is one entry, seen once by each of the user's devices.
         to_seq
     } else {
-        append_to_timeline(txn, dbs, send.from, msg_id)?
+        let seq = append_to_timeline(txn, dbs, send.from, msg_id)?;
+        conversations::note(
+            txn,
+            dbs,
+            send.from,
+            send.to.0,
+            seq,
+            msg_id,
+            send.from,
+            send.sent_at_ms,
+            NoteKind::Message,
+        )?;
+        seq
     };
     let first = DedupEntry {
         msg_id,
@@ -210,8 +338,48 @@ fn archive_message(msg_id: u64, send: &mut SendFields<'_>) -> Result<Vec<u8>, St
     archived.map_err(|_| StoreError::InvalidArgument("message too large to archive"))
 }
 
+/// Takes the next message id (records share the id space of messages).
+pub(super) fn next_msg_id(txn: &mut RwTxn, dbs: &Dbs) -> Result<u64, StoreError> {
+    let msg_id = schema::counter_next(txn, dbs, META_NEXT_MSG_ID)?;
+    schema::counter_set(txn, dbs, META_NEXT_MSG_ID, msg_id + 1)?;
+    Ok(msg_id)
+}
+
+/// Stores the bytes of a new message or record under `msg_id`.
+pub(super) fn put_message(
+    txn: &mut RwTxn,
+    dbs: &Dbs,
+    msg_id: u64,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    put_new(
+        dbs.messages,
+        txn,
+        PutFlags::APPEND,
+        &schema::msg_key(msg_id),
+        bytes,
+        "write message",
+        "message id reused",
+    )
+}
+
+/// The stored form of a record: `RECORD_MARKER` followed by the archived `Record`.
+pub(super) fn archive_record(record: &Record) -> Result<Vec<u8>, StoreError> {
+    let capacity = RECORD_MARKER.len()
+        + MESSAGE_ARCHIVE_OVERHEAD
+        + 32
+        + record.from.len()
+        + record.text.len()
+        + 8 * record.users.len();
+    let mut buf = Vec::with_capacity(capacity);
+    buf.extend_from_slice(&RECORD_MARKER);
+    // Relative pointers make the archive independent of where it starts in the buffer.
+    rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Failure>(record, buf)
+        .map_err(|_| StoreError::InvalidArgument("record too large to archive"))
+}
+
 /// Appends `msg_id` to `user`'s timeline at head + 1 and moves the head. Returns the seq.
-fn append_to_timeline(
+pub(super) fn append_to_timeline(
     txn: &mut RwTxn,
     dbs: &Dbs,
     user: UserId,
@@ -261,13 +429,14 @@ fn last_timeline_seq(txn: &RwTxn, dbs: &Dbs, user: UserId) -> Result<u64, StoreE
     }
 }
 
+/// Moves a device's cursor; returns the cursor now.
 fn apply_device_ack(
     txn: &mut RwTxn,
     dbs: &Dbs,
     user: UserId,
     device: &str,
     up_to_seq: u64,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let key = DeviceKey::new(user, device).ok_or(StoreError::InvalidArgument("device name"))?;
     let head = schema::head(txn, dbs, user)?;
     let old = match dbs
@@ -286,12 +455,20 @@ fn apply_device_ack(
             .put(txn, key.as_bytes(), &new.to_be_bytes())
             .map_err(StoreError::lmdb("write device ack"))?;
     }
-    Ok(())
+    Ok(new)
+}
+
+/// Unix ms for records the writer makes on its own (delivery receipts).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Puts a key that must not exist yet; finding it is a broken invariant of the stored data,
 /// reported as `what`.
-fn put_new(
+pub(super) fn put_new(
     db: schema::Db,
     txn: &mut RwTxn,
     flags: PutFlags,

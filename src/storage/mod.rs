@@ -1,4 +1,5 @@
-//! The store: LMDB through heed. Users, messages, per-user timelines, device ack cursors.
+//! The store: LMDB through heed. Users, messages, per-user timelines, device ack cursors,
+//! groups and conversation indexes.
 //!
 //! `Store` opens the environment and hands out short read transactions (`ReadView`) that
 //! shard threads use without ever blocking. All message writes go through the one writer
@@ -11,8 +12,13 @@
 //! outside a transaction (another process may have written since).
 
 mod apply;
+mod bulk;
+mod conversations;
 mod error;
+mod files;
+mod groups;
 mod read;
+mod receipts;
 mod schema;
 pub mod writer;
 
@@ -24,11 +30,13 @@ use std::sync::Arc;
 
 use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
 
+pub use bulk::{BULK_USERS_MAX, BulkUsers};
 pub use error::StoreError;
+pub use files::{FileMeta, blob_path, upload_path};
 pub use read::ReadView;
 pub use writer::{
-    CommitSink, Delivery, OpResult, Origin, WriteOp, WriterHandle, WriterStats, apply_batch,
-    spawn_writer,
+    CommitSink, Delivery, FileSendOp, OpResult, Origin, Reply, WriteOp, WriterHandle, WriterStats,
+    apply_batch, spawn_writer,
 };
 
 use crate::ids::UserId;
@@ -86,6 +94,8 @@ pub struct Store {
 }
 
 struct StoreInner {
+    /// `<data>/files`: content-addressed file blobs, and `tmp/` for uploads in progress.
+    files_dir: std::path::PathBuf,
     /// Read transactions without thread-local reader slots: a thread may hold two views at
     /// once without `BadRslot`, and a view could move between threads.
     env: heed::Env<WithoutTls>,
@@ -132,8 +142,14 @@ impl Store {
         // on a network file system (a documented requirement of the node's data folder).
         let env = unsafe { options.open(dir) }.map_err(StoreError::lmdb("open env"))?;
         let dbs = schema::create(&env)?;
+        let files_dir = dir.join("files");
+        std::fs::create_dir_all(files_dir.join("tmp")).map_err(|error| StoreError::Io {
+            op: "create files dir",
+            error,
+        })?;
         Ok(Store {
             inner: Arc::new(StoreInner {
+                files_dir,
                 env,
                 dbs,
                 durability: config.durability,
@@ -205,6 +221,11 @@ impl Store {
             .env
             .force_sync()
             .map_err(StoreError::lmdb("force sync"))
+    }
+
+    /// Where file blobs live (`<data>/files`); uploads in progress are in its `tmp/`.
+    pub fn files_dir(&self) -> &Path {
+        &self.inner.files_dir
     }
 
     pub(crate) fn env(&self) -> &heed::Env<WithoutTls> {

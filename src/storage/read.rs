@@ -25,6 +25,14 @@ impl<'s> ReadView<'s> {
         ReadView { txn, dbs }
     }
 
+    pub(super) fn txn(&self) -> &RoTxn<'s, WithoutTls> {
+        &self.txn
+    }
+
+    pub(super) fn dbs(&self) -> &'s Dbs {
+        self.dbs
+    }
+
     /// The account named `name`, if any.
     pub fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
         // No stored name is empty or over the limit, and LMDB rejects an empty key with an

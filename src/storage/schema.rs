@@ -13,6 +13,27 @@
 //! | `heads`       | user id u64                       | last seq of that timeline, u64        |
 //! | `dedup`       | sender id u64 ‖ client msg id u64 | msg id u64 ‖ sender seq ‖ sent_at_ms  |
 //! | `device_acks` | user id u64 ‖ device name         | acked seq u64                         |
+//! | `groups`      | group id u64                      | owner u64 ‖ created ms u64 ‖ member count u32 ‖ name |
+//! | `members`     | group id u64 ‖ user id u64        | role u8 (1 owner, 0 member)           |
+//! | `user_groups` | user id u64 ‖ group id u64        | empty                                 |
+//! | `conv_entries`| user ‖ conv u64 ‖ seq u64         | msg id u64 ‖ from id u64 ‖ flags u8   |
+//! | `convs`       | user id u64 ‖ conv u64            | `ConvState` (5 × u64)                 |
+//! | `conv_recent` | user id u64 ‖ last seq u64        | conv u64                              |
+//! | `delivered`   | user id u64                       | seq u64: delivery receipts sent up to |
+//! | `files`       | file id u64                       | `FileMeta` (owner, size, time, SHA-256, name, MIME) |
+//! | `file_shares` | file id u64 ‖ user id or group conv u64 | empty: who may download       |
+//! | `file_usage`  | user id u64                       | bytes of files the user stored u64    |
+//!
+//! File contents live outside LMDB, in `<data>/files/<sha256 hex>` (content-addressed,
+//! written to `files/tmp/` first, fsynced and renamed into place).
+//!
+//! `messages` also holds records (group messages, membership changes, read marks): the
+//! value is then `protocol::RECORD_MARKER` followed by an archived `protocol::Record`.
+//! A conversation id (`conv`) is the other user's id for 1:1, `GROUP_CONV_BIT | group id`
+//! for a group. `conv_entries` lists the entries of one conversation in one user's
+//! timeline (history pages read it backwards), `convs` holds each conversation's last
+//! entry, read mark and unread count, and `conv_recent` orders conversations by their
+//! last seq (the conversation list reads it backwards).
 //!
 //! This file must not hold a transaction or cache a counter: another process (the `tern
 //! add-user` command) may write between two of our transactions, so counters are read
@@ -34,11 +55,15 @@ pub(crate) type Db = heed::Database<'static, Bytes, Bytes>;
 pub(crate) const SCHEMA_VERSION: u64 = 1;
 
 /// Named databases in the schema; `max_dbs` of the environment.
-pub(crate) const DATABASES_MAX: u32 = 8;
+pub(crate) const DATABASES_MAX: u32 = 24;
 
 pub(crate) const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub(crate) const META_NEXT_USER_ID: &[u8] = b"next_user_id";
 pub(crate) const META_NEXT_MSG_ID: &[u8] = b"next_msg_id";
+pub(crate) const META_NEXT_GROUP_ID: &[u8] = b"next_group_id";
+pub(crate) const META_NEXT_FILE_ID: &[u8] = b"next_file_id";
+/// Bytes of files the node stores (u64; absent: 0).
+pub(crate) const META_FILES_BYTES: &[u8] = b"files_bytes";
 
 /// Value of a `dedup` entry: what a resend's ack repeats.
 pub(crate) const DEDUP_VALUE_SIZE: usize = 24;
@@ -55,6 +80,16 @@ pub(crate) struct Dbs {
     pub heads: Db,
     pub dedup: Db,
     pub device_acks: Db,
+    pub groups: Db,
+    pub members: Db,
+    pub user_groups: Db,
+    pub conv_entries: Db,
+    pub convs: Db,
+    pub conv_recent: Db,
+    pub delivered: Db,
+    pub files: Db,
+    pub file_shares: Db,
+    pub file_usage: Db,
 }
 
 /// Creates (or opens) every database and records the schema version, in one transaction.
@@ -80,6 +115,20 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
                 opener.create_database(wtxn, Some("heads"))?,
                 opener.create_database(wtxn, Some("dedup"))?,
                 opener.create_database(wtxn, Some("device_acks"))?,
+                (
+                    opener.create_database(wtxn, Some("groups"))?,
+                    opener.create_database(wtxn, Some("members"))?,
+                    opener.create_database(wtxn, Some("user_groups"))?,
+                    opener.create_database(wtxn, Some("conv_entries"))?,
+                    opener.create_database(wtxn, Some("convs"))?,
+                    opener.create_database(wtxn, Some("conv_recent"))?,
+                    opener.create_database(wtxn, Some("delivered"))?,
+                ),
+                (
+                    opener.create_database(wtxn, Some("files"))?,
+                    opener.create_database(wtxn, Some("file_shares"))?,
+                    opener.create_database(wtxn, Some("file_usage"))?,
+                ),
             )))
         })
         .map_err(StoreError::lmdb("create databases"))?;
@@ -93,6 +142,8 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             heads,
             dedup,
             device_acks,
+            (groups, members, user_groups, conv_entries, convs, conv_recent, delivered),
+            (files, file_shares, file_usage),
         )) => Ok(Dbs {
             meta,
             users,
@@ -102,6 +153,16 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             heads,
             dedup,
             device_acks,
+            groups,
+            members,
+            user_groups,
+            conv_entries,
+            convs,
+            conv_recent,
+            delivered,
+            files,
+            file_shares,
+            file_usage,
         }),
         CommitOrAbort::Abort(error) => Err(error),
     }
@@ -128,6 +189,14 @@ pub(crate) fn timeline_key(user: UserId, seq: u64) -> [u8; 16] {
 
 pub(crate) fn dedup_key(from: UserId, client_msg_id: u64) -> [u8; 16] {
     pair_key(from.0, client_msg_id)
+}
+
+pub(crate) fn triple_key(a: u64, b: u64, c: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&a.to_be_bytes());
+    key[8..16].copy_from_slice(&b.to_be_bytes());
+    key[16..].copy_from_slice(&c.to_be_bytes());
+    key
 }
 
 /// `user ‖ device` on the stack. Device names are bounded, so the key always fits LMDB's

@@ -44,13 +44,12 @@ impl CommitSink for TestSink {
         {
             self.gate = None;
         }
-        // Deliveries before results: a test that saw its result may drain the deliveries
-        // at once, and must find all of the batch's there (under qemu the gap between the
-        // two sends was wide enough to lose that race).
+        self.batch_sizes.send(results.len()).unwrap();
+        // Deliveries first: a test that has a batch's result can then drain that batch's
+        // deliveries without racing this thread.
         for delivery in deliveries.drain(..) {
             self.deliveries.send(delivery).unwrap();
         }
-        self.batch_sizes.send(results.len()).unwrap();
         for result in results.drain(..) {
             self.results.send(result).unwrap();
         }
@@ -203,9 +202,7 @@ impl Harness {
 }
 
 fn origin(result: &OpResult) -> Origin {
-    match result {
-        OpResult::SendAcked { origin, .. } | OpResult::SendFailed { origin, .. } => *origin,
-    }
+    result.origin()
 }
 
 fn decode(bytes: &[u8]) -> Message {
@@ -671,7 +668,8 @@ fn reopen_keeps_everything() {
     let view = store.read().unwrap();
     assert_eq!(view.user_by_name("bob").unwrap().unwrap().id, BOB);
     assert_eq!(view.user_name(CAROL).unwrap().as_deref(), Some("carol"));
-    assert_eq!(view.head_seq(ALICE).unwrap(), 2);
+    // Alice's third entry is the delivery receipt for bob's ack of her message.
+    assert_eq!(view.head_seq(ALICE).unwrap(), 3);
     assert_eq!(view.head_seq(BOB).unwrap(), 2);
     assert_eq!(view.device_acked_seq(BOB, "phone").unwrap(), 2);
     drop(view);
@@ -683,7 +681,8 @@ fn reopen_keeps_everything() {
     let resent = h.send_acked(ALICE, BOB, 1, "before restart");
     assert_eq!((resent.msg_id, resent.seq, resent.duplicate), (1, 1, true));
     let next = h.send_acked(ALICE, BOB, 3, "after restart");
-    assert_eq!((next.msg_id, next.seq), (3, 3));
+    // Msg id 3 and alice's seq 3 went to the delivery receipt.
+    assert_eq!((next.msg_id, next.seq), (4, 4));
     h.finish();
 }
 
@@ -747,6 +746,7 @@ fn full_map_fails_sends_with_storage_full() {
                 full = true;
                 break;
             }
+            other => panic!("{other:?}"),
         }
     }
     assert!(full, "a 1 MiB map must fill");
@@ -790,6 +790,7 @@ fn full_map_mid_batch_keeps_the_ops_that_fit() {
                 assert_eq!(code, ErrorCode::StorageFull);
                 failed += 1;
             }
+            other => panic!("{other:?}"),
         }
     }
     assert!(!acked.is_empty(), "some ops fit");
@@ -920,19 +921,7 @@ fn add_user_works_beside_a_running_writer() {
     }
     let mut h = Harness::new(StoreConfig::default(), false);
     h.send_acked(ALICE, BOB, 1, "node is live");
-    let exe = std::env::current_exe().unwrap();
-    // Under an emulator (`tools/cross test`) the child must be started through it too.
-    let runner = std::env::var("TERN_TEST_RUNNER").unwrap_or_default();
-    let mut runner = runner.split_whitespace();
-    let mut command = match runner.next() {
-        Some(program) => {
-            let mut command = std::process::Command::new(program);
-            command.args(runner).arg(&exe);
-            command
-        }
-        None => std::process::Command::new(&exe),
-    };
-    let child = command
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "storage::tests::add_user_works_beside_a_running_writer",
@@ -958,5 +947,194 @@ fn add_user_works_beside_a_running_writer() {
     // The writer keeps going, and its message counter was untouched by the child.
     let ack = h.send_acked(ALICE, BOB, 2, "after the child");
     assert_eq!(ack.msg_id, 2);
+    h.finish();
+}
+
+// ----- groups and conversations -------------------------------------------------------
+
+fn test_origin(request_id: u32) -> Origin {
+    Origin {
+        shard: ShardId(0),
+        conn: ConnId {
+            index: 7,
+            generation: 1,
+        },
+        request_id,
+    }
+}
+
+impl Harness {
+    fn group_op(&mut self, actor: UserId, op: u8, group_id: u64, users: &[UserId]) -> OpResult {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let op = WriteOp::GroupOp {
+            origin: test_origin(request_id),
+            actor,
+            actor_name: format!("user{}", actor.0),
+            op,
+            group_id,
+            name: "g".to_owned(),
+            users: users.to_vec(),
+            at_ms: 5,
+        };
+        self.writer.as_ref().unwrap().try_submit(op).unwrap();
+        self.result()
+    }
+
+    fn group_send(&mut self, from: UserId, group_id: u64, client_msg_id: u64) -> OpResult {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let op = WriteOp::GroupSend {
+            origin: test_origin(request_id),
+            from,
+            from_name: format!("user{}", from.0),
+            group_id,
+            client_msg_id,
+            text: "hello group".to_owned(),
+            sent_at_ms: 6,
+        };
+        self.writer.as_ref().unwrap().try_submit(op).unwrap();
+        self.result()
+    }
+
+    fn read_mark(&mut self, user: UserId, conv: u64, up_to_seq: u64) -> OpResult {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let op = WriteOp::Read {
+            origin: test_origin(request_id),
+            user,
+            user_name: "reader".to_owned(),
+            conv,
+            up_to_seq,
+            at_ms: 7,
+        };
+        self.writer.as_ref().unwrap().try_submit(op).unwrap();
+        self.result()
+    }
+}
+
+fn refusal(result: OpResult) -> ErrorCode {
+    match result {
+        OpResult::Refused { code, .. } => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn group_message_is_stored_once_and_referenced_by_every_member() {
+    use crate::limits::GROUP_MEMBERS_MAX;
+    use crate::protocol::{group_conv, group_op};
+    let mut h = Harness::new(config(64 * MIB, Durability::None), false);
+    let mut users = vec![BOB, CAROL];
+    for i in users.len() + 1..=GROUP_MEMBERS_MAX + 1 {
+        let id = h
+            .store
+            .add_user(&format!("member{i}"), "$argon2id$test")
+            .unwrap();
+        users.push(id);
+    }
+    // The creator plus 255 others fill the group; one more is refused.
+    let (fits, over) = users.split_at(GROUP_MEMBERS_MAX - 1);
+    let group_id = match h.group_op(ALICE, group_op::CREATE, 0, fits) {
+        OpResult::Answered {
+            reply: Reply::Group(info),
+            ..
+        } => {
+            assert_eq!(info.members.len(), GROUP_MEMBERS_MAX);
+            info.group_id
+        }
+        other => panic!("create failed: {other:?}"),
+    };
+    assert_eq!(
+        refusal(h.group_op(BOB, group_op::ADD, group_id, over)),
+        ErrorCode::GroupFull
+    );
+    h.drain_deliveries();
+    let before = h.store.read().unwrap().message_count().unwrap();
+    let ack = match h.group_send(CAROL, group_id, 1) {
+        OpResult::SendAcked { ack, .. } => ack,
+        other => panic!("send failed: {other:?}"),
+    };
+    // Stored once, one delivery per member, all sharing the one allocation.
+    assert_eq!(h.store.read().unwrap().message_count().unwrap(), before + 1);
+    let deliveries = h.drain_deliveries();
+    assert_eq!(deliveries.len(), GROUP_MEMBERS_MAX);
+    assert!(
+        deliveries
+            .windows(2)
+            .all(|w| Arc::ptr_eq(&w[0].message, &w[1].message))
+    );
+    let view = h.store.read().unwrap();
+    let stored = view.message(ack.msg_id).unwrap().unwrap();
+    assert_eq!(stored, &*deliveries[0].message);
+    // Unread for everyone but the sender; the sender's own conversation is read.
+    let conv = group_conv(group_id);
+    assert_eq!(
+        view.conversation_state(ALICE, conv)
+            .unwrap()
+            .unwrap()
+            .unread,
+        1
+    );
+    assert_eq!(
+        view.conversation_state(CAROL, conv)
+            .unwrap()
+            .unwrap()
+            .unread,
+        0
+    );
+    drop(view);
+    // A resend is a duplicate, stored nowhere new.
+    match h.group_send(CAROL, group_id, 1) {
+        OpResult::SendAcked { ack: again, .. } => {
+            assert!(again.duplicate);
+            assert_eq!(again.msg_id, ack.msg_id);
+        }
+        other => panic!("resend failed: {other:?}"),
+    }
+    assert!(h.drain_deliveries().is_empty());
+    h.finish();
+}
+
+#[test]
+fn group_rules_refuse_without_writing() {
+    use crate::protocol::{group_conv, group_op};
+    let mut h = Harness::new(config(16 * MIB, Durability::None), false);
+    let group_id = match h.group_op(ALICE, group_op::CREATE, 0, &[BOB]) {
+        OpResult::Answered {
+            reply: Reply::Group(info),
+            ..
+        } => info.group_id,
+        other => panic!("create failed: {other:?}"),
+    };
+    h.drain_deliveries();
+    let head = |h: &Harness, u| h.store.read().unwrap().head_seq(u).unwrap();
+    let heads = [head(&h, ALICE), head(&h, BOB), head(&h, CAROL)];
+    assert_eq!(
+        refusal(h.group_send(CAROL, group_id, 9)),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        refusal(h.group_send(ALICE, group_id + 1, 9)),
+        ErrorCode::UnknownGroup
+    );
+    assert_eq!(
+        refusal(h.group_op(BOB, group_op::REMOVE, group_id, &[ALICE])),
+        ErrorCode::NotOwner
+    );
+    assert_eq!(
+        refusal(h.group_op(ALICE, group_op::REMOVE, group_id, &[CAROL])),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        refusal(h.group_op(ALICE, group_op::LEAVE, group_id, &[])),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        refusal(h.read_mark(CAROL, group_conv(group_id), 1)),
+        ErrorCode::NotMember
+    );
+    assert!(h.drain_deliveries().is_empty());
+    assert_eq!([head(&h, ALICE), head(&h, BOB), head(&h, CAROL)], heads);
     h.finish();
 }

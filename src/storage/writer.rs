@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use super::{Store, StoreError, apply};
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::limits::{WRITER_BATCH_MAX, WRITER_QUEUE_MAX};
-use crate::protocol::{ErrorCode, SendAck};
+use crate::protocol::{ErrorCode, FileInfo, GroupInfo, ReadOk, SendAck};
 
 /// Where a send came from, so its result finds its way back to the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,79 @@ pub enum WriteOp {
         device: String,
         up_to_seq: u64,
     },
+    /// A group operation (`protocol::group_op`). The writer checks membership and roles;
+    /// answered with `Reply::Group` or `Refused`.
+    GroupOp {
+        origin: Origin,
+        actor: UserId,
+        actor_name: String,
+        op: u8,
+        group_id: u64,
+        name: String,
+        users: Vec<UserId>,
+        at_ms: u64,
+    },
+    /// A message to a group. Idempotent per `(from, client_msg_id)` like `Send`; refused
+    /// unless `from` is a member.
+    GroupSend {
+        origin: Origin,
+        from: UserId,
+        from_name: String,
+        group_id: u64,
+        client_msg_id: u64,
+        text: String,
+        sent_at_ms: u64,
+    },
+    /// A read mark; answered with `Reply::Read` or `Refused`.
+    Read {
+        origin: Origin,
+        user: UserId,
+        user_name: String,
+        conv: u64,
+        up_to_seq: u64,
+        at_ms: u64,
+    },
+    /// Finishes an upload whose bytes are in `files/tmp` (see `storage::files`): checks
+    /// quota, size and SHA-256, publishes the blob, records the file. `Reply::File`.
+    FileCommit {
+        origin: Origin,
+        owner: UserId,
+        name: String,
+        mime: String,
+        size: u64,
+        sha256: [u8; 32],
+        at_ms: u64,
+    },
+    /// A message carrying a file, 1:1 (`to`) or to a group. Answered like a send. Boxed:
+    /// it is the largest op, and every queue slot would pay for it.
+    FileSend(Box<FileSendOp>),
+}
+
+/// The fields of `WriteOp::FileSend`.
+#[derive(Debug)]
+pub struct FileSendOp {
+    pub origin: Origin,
+    pub from: UserId,
+    pub from_name: String,
+    pub to: Option<UserId>,
+    pub group_id: u64,
+    pub client_msg_id: u64,
+    pub file_id: u64,
+    pub thumbnail_id: u64,
+    pub media: u8,
+    pub duration_ms: u32,
+    pub width: u32,
+    pub height: u32,
+    pub text: String,
+    pub sent_at_ms: u64,
+}
+
+/// The answer to an op other than a send.
+#[derive(Debug)]
+pub enum Reply {
+    Group(GroupInfo),
+    Read(ReadOk),
+    File(FileInfo),
 }
 
 /// The outcome of one `WriteOp::Send`.
@@ -65,6 +138,29 @@ pub enum OpResult {
         origin: Origin,
         code: ErrorCode,
     },
+    /// An op other than a send committed; `reply` answers it.
+    Answered {
+        origin: Origin,
+        reply: Reply,
+    },
+    /// The op broke a rule (not a member, not the owner, group full); nothing was written.
+    Refused {
+        origin: Origin,
+        code: ErrorCode,
+        message: &'static str,
+    },
+}
+
+impl OpResult {
+    /// The request this result answers.
+    pub fn origin(&self) -> Origin {
+        match self {
+            OpResult::SendAcked { origin, .. }
+            | OpResult::SendFailed { origin, .. }
+            | OpResult::Answered { origin, .. }
+            | OpResult::Refused { origin, .. } => *origin,
+        }
+    }
 }
 
 /// A committed timeline entry to push to the user's online devices.
@@ -297,7 +393,12 @@ impl<S: CommitSink> Writer<S> {
 
 fn op_origin(op: &WriteOp) -> Option<Origin> {
     match op {
-        WriteOp::Send { origin, .. } => Some(*origin),
+        WriteOp::Send { origin, .. }
+        | WriteOp::GroupOp { origin, .. }
+        | WriteOp::GroupSend { origin, .. }
+        | WriteOp::Read { origin, .. }
+        | WriteOp::FileCommit { origin, .. } => Some(*origin),
+        WriteOp::FileSend(op) => Some(op.origin),
         WriteOp::DeviceAck { .. } => None,
     }
 }

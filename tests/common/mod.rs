@@ -2,10 +2,13 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
@@ -29,24 +32,88 @@ pub fn tern_command() -> Command {
 /// How long a node may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The event loop a test node runs (`tern serve --io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    Epoll,
+    Uring,
+}
+
+impl Io {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Io::Epoll => "epoll",
+            Io::Uring => "uring",
+        }
+    }
+
+    /// `Some(Io::Uring)` where this machine runs io_uring (the node's probe, run in the
+    /// test process: same kernel, same sandbox); otherwise says so on stderr, past the
+    /// test harness's capture, and returns None.
+    pub fn uring_or_skip() -> Option<Io> {
+        static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+        match PROBE.get_or_init(tern::io::probe::probe_uring) {
+            Ok(()) => Some(Io::Uring),
+            Err(reason) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "skipping: io_uring unavailable ({reason})"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Expands each named test body `fn name(io: Io)` into `epoll::name` and `uring::name`
+/// tests; the uring one skips, visibly, where io_uring is unavailable.
+#[allow(unused_macros)]
+macro_rules! io_tests {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(crate::common::Io::Epoll)
+                }
+            )*
+        }
+        mod uring {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(io) = crate::common::Io::uring_or_skip() {
+                        super::$name(io)
+                    }
+                }
+            )*
+        }
+    };
+}
+
 pub struct TestNode {
     pub child: Option<Child>,
     pub addr: SocketAddr,
     pub data: PathBuf,
+    pub io: Io,
     extra: Vec<String>,
+    /// `tern stats:` lines the node printed (on SIGUSR1).
+    stats_lines: Option<Receiver<String>>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl TestNode {
-    /// Starts a node on a fresh data folder and a free loopback port.
-    pub fn start(extra: &[&str]) -> TestNode {
+    /// Starts a node running `io` on a fresh data folder and a free loopback port.
+    pub fn start(io: Io, extra: &[&str]) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let mut node = TestNode {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
             data,
+            io,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            stats_lines: None,
             _dir: Some(dir),
         };
         node.spawn("127.0.0.1:0".parse().unwrap());
@@ -60,6 +127,8 @@ impl TestNode {
             .arg(&self.data)
             .arg("--listen")
             .arg(listen.to_string())
+            .arg("--io")
+            .arg(self.io.arg())
             .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -67,6 +136,8 @@ impl TestNode {
             .expect("spawn tern serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let (stats_tx, stats_rx) = std::sync::mpsc::channel();
+        self.stats_lines = Some(stats_rx);
         std::thread::spawn(move || {
             let mut line = String::new();
             let mut reader = BufReader::new(stdout);
@@ -75,6 +146,9 @@ impl TestNode {
             // Keep draining so the node never blocks on a full pipe.
             let mut sink = String::new();
             while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                if sink.starts_with("tern stats:") {
+                    let _ = stats_tx.send(sink.trim_end().to_owned());
+                }
                 sink.clear();
             }
         });
@@ -89,6 +163,25 @@ impl TestNode {
             .parse()
             .unwrap_or_else(|_| panic!("bad address in {line:?}"));
         self.child = Some(child);
+    }
+
+    /// The io backends' counters (SIGUSR1 → one `tern stats:` line of key=value pairs).
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let child = self.child.as_ref().expect("node not running");
+        let lines = self.stats_lines.as_ref().expect("node not running");
+        while lines.try_recv().is_ok() {}
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("node printed no stats line");
+        line.split_whitespace()
+            .skip(2)
+            .filter_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                Some((key.to_owned(), value.parse().ok()?))
+            })
+            .collect()
     }
 
     pub fn add_user(&self, name: &str, password: &str) {
@@ -246,7 +339,7 @@ impl RawConn {
     }
 
     /// Reads until the node closes the connection; returns the frames seen on the way, or
-    /// None if it stayed open for `timeout`.
+    /// None if it stayed open for `timeout` (the frames read so far stay queued).
     pub fn read_until_closed(
         &mut self,
         timeout: Duration,
@@ -257,7 +350,14 @@ impl RawConn {
             match self.read_frame(deadline.saturating_duration_since(Instant::now())) {
                 Some(frame) => seen.push(frame),
                 None if self.closed => return Some(seen),
-                None => return None,
+                None => {
+                    // Still open: keep what arrived for the next read, so a frame that
+                    // came just before the deadline is not lost.
+                    for frame in seen.into_iter().rev() {
+                        self.frames.push_front(frame);
+                    }
+                    return None;
+                }
             }
         }
     }

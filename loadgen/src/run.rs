@@ -1,0 +1,727 @@
+//! The coordinator of one run: node (spawned or given), provisioning, worker processes,
+//! per-second progress, node sampling, and the report.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::hist::{Hists, Metric, Summary, summary};
+use crate::node::{SpawnedNode, find_tern};
+use crate::spec::{Pattern, RunArgs, WorkerSpec, parse_size, parse_source_ips, partition};
+use crate::sys::{ProcSample, proc_sample, self_sample};
+use crate::worker::{Counts, Tick, WorkerMsg, WorkerResult, run_process};
+
+/// What a run produced.
+pub struct RunOutcome {
+    pub report: Value,
+    pub passed: bool,
+    pub summary: String,
+}
+
+/// One second of the whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Second {
+    pub t: u64,
+    pub connected: u64,
+    /// Sends due but not yet started by the load generator (it fell behind).
+    pub send_backlog: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub errors: u64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+    pub e2e_p50_ms: f64,
+    pub e2e_p99_ms: f64,
+    pub heartbeat_p99_ms: f64,
+    pub node_rss_bytes: u64,
+    pub node_cpu_pct: f64,
+    pub loadgen_cpu_pct: f64,
+}
+
+struct Partial {
+    processes: u32,
+    connected: u64,
+    send_backlog: u64,
+    counts: Counts,
+    hists: Hists,
+}
+
+fn validate(args: &RunArgs) -> Result<(), String> {
+    Pattern::parse(&args.pattern)?;
+    parse_size(&args.size)?;
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    if args.devices == 0 || args.devices > 64 {
+        return Err("--devices must be 1..=64".into());
+    }
+    if args.heartbeat.is_nan() || args.heartbeat < 0.01 {
+        return Err("--heartbeat must be at least 0.01 s".into());
+    }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        return Err("--rate must be a non-negative number".into());
+    }
+    if args.ramp.is_nan() || args.ramp <= 0.0 {
+        return Err("--ramp must be positive".into());
+    }
+    if !(0.0..=1.0).contains(&args.background) {
+        return Err("--background is a fraction in 0..=1".into());
+    }
+    if args.flap.is_nan() || args.flap < 0.0 || args.duration.is_nan() || args.duration <= 0.0 {
+        return Err("--flap must be >= 0 and --duration > 0".into());
+    }
+    if args.window == Some(0) {
+        return Err("--window must be at least 1".into());
+    }
+    if args.processes == 0 || args.processes > 256 {
+        return Err("--processes must be 1..=256".into());
+    }
+    if args.chaos_restart_at.is_some() && !args.spawn {
+        return Err("--chaos-restart-at needs --spawn".into());
+    }
+    if !args.spawn && args.server.is_none() {
+        return Err("give --server ADDR or --spawn".into());
+    }
+    if !matches!(args.durability.as_str(), "fsync" | "none") {
+        return Err("--durability is fsync or none".into());
+    }
+    Ok(())
+}
+
+pub fn run(args: &RunArgs) -> Result<RunOutcome, String> {
+    validate(args)?;
+    let devices = args.devices;
+    let users = args.clients.div_ceil(devices);
+    let sending = args.rate > 0.0 || args.window.is_some();
+    if sending && users < 2 {
+        return Err("sending needs at least 2 users (--clients / --devices)".into());
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+
+    let mut node = None;
+    let (server, data_dir, node_pid) = if args.spawn {
+        let bin = find_tern(args.tern_bin.as_deref())?;
+        let mut extra = vec![
+            "--durability".to_owned(),
+            args.durability.clone(),
+            "--heartbeat-ms".to_owned(),
+            ((args.heartbeat * 1000.0).round() as u64)
+                .max(10)
+                .to_string(),
+        ];
+        if let Some(shards) = args.node_shards {
+            extra.extend(["--shards".to_owned(), shards.to_string()]);
+        }
+        let spawned = SpawnedNode::start(&bin, extra)?;
+        let out = (
+            spawned.addr,
+            Some(spawned.data.clone()),
+            Some(spawned.pid()),
+        );
+        node = Some(spawned);
+        out
+    } else {
+        (
+            args.server.expect("validated"),
+            args.data.clone(),
+            args.node_pid,
+        )
+    };
+    let result = run_with_node(
+        args,
+        server,
+        data_dir.as_deref(),
+        node_pid,
+        &mut node,
+        users,
+        threads,
+    );
+    if let Some(node) = node {
+        let status = node.stop();
+        if !args.quiet {
+            eprintln!("tern-loadgen: node stopped ({status})");
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_with_node(
+    args: &RunArgs,
+    server: SocketAddr,
+    data_dir: Option<&Path>,
+    node_pid: Option<u32>,
+    node: &mut Option<SpawnedNode>,
+    users: u32,
+    threads: u32,
+) -> Result<RunOutcome, String> {
+    // CPU of this process before the run: a capacity search runs many in one process.
+    let own_cpu_start = self_sample().map_or(0.0, |s| s.cpu_seconds);
+    let provision_started = Instant::now();
+    let user_ids = match data_dir {
+        Some(dir) => Some(provision(dir, &args.user_prefix, users, &args.password)?),
+        None => None,
+    };
+    let provision_seconds = provision_started.elapsed().as_secs_f64();
+    if !args.quiet {
+        eprintln!(
+            "tern-loadgen: {} users ready in {:.2} s ({}), node {server}",
+            users,
+            provision_seconds,
+            if user_ids.is_some() {
+                "token logins"
+            } else {
+                "password logins"
+            }
+        );
+    }
+    let source_ips = match &args.source_ips {
+        Some(text) => parse_source_ips(text)?,
+        None if server.ip().is_loopback() && server.is_ipv4() => {
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+        }
+        None => Vec::new(),
+    };
+    let run_tag =
+        (args.seed as u32) ^ (std::process::id().rotate_left(16)) ^ crate::sys::unix_ms() as u32;
+    let parts = partition(users, args.processes);
+    let processes = parts.len() as u32;
+    let specs: Vec<WorkerSpec> = parts
+        .iter()
+        .enumerate()
+        .map(|(p, &(lo, hi))| WorkerSpec {
+            args: args.clone(),
+            server,
+            process: p as u32,
+            processes,
+            threads,
+            user_lo: lo,
+            user_hi: hi,
+            user_ids: user_ids
+                .as_ref()
+                .map(|ids| ids[lo as usize..hi as usize].to_vec()),
+            token_dir: user_ids.as_ref().and(data_dir.map(Path::to_path_buf)),
+            run_tag,
+            source_ips: source_ips.clone(),
+        })
+        .collect();
+
+    let (tx, rx) = mpsc::channel::<(u32, WorkerMsg)>();
+    let mut worker_pids = Vec::new();
+    let mut spec_files = Vec::new();
+    let started = Instant::now();
+    if processes == 1 {
+        let spec = specs.into_iter().next().expect("one partition");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            run_process(spec, &mut |msg| {
+                let _ = tx.send((0, msg));
+            })
+        });
+    } else {
+        let exe = std::env::current_exe().map_err(|e| format!("locate this executable: {e}"))?;
+        for spec in specs {
+            let p = spec.process;
+            let file = std::env::temp_dir()
+                .join(format!("tern-loadgen-spec-{}-{p}.json", std::process::id()));
+            let text = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+            std::fs::write(&file, text).map_err(|e| format!("write {}: {e}", file.display()))?;
+            let mut child = Command::new(&exe)
+                .arg("worker")
+                .arg("--spec")
+                .arg(&file)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("start worker {p}: {e}"))?;
+            spec_files.push(file);
+            worker_pids.push(child.id());
+            let stdout = child.stdout.take().expect("stdout was piped");
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut finished = false;
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    match serde_json::from_str::<WorkerMsg>(&line) {
+                        Ok(msg) => {
+                            finished |= !matches!(msg, WorkerMsg::Tick(_));
+                            let _ = tx.send((p, msg));
+                        }
+                        Err(e) => {
+                            let _ =
+                                tx.send((p, WorkerMsg::Failed(format!("bad worker line: {e}"))));
+                            finished = true;
+                        }
+                    }
+                }
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                if !finished {
+                    let _ = tx.send((
+                        p,
+                        WorkerMsg::Failed(format!("worker exited early ({status})")),
+                    ));
+                }
+            });
+        }
+    }
+    drop(tx);
+
+    let mut partial: BTreeMap<u64, Partial> = BTreeMap::new();
+    let mut seconds: Vec<Second> = Vec::new();
+    let mut results: Vec<Option<Result<WorkerResult, String>>> = vec![None; processes as usize];
+    let mut samples: Vec<Option<ProcSample>> = Vec::new();
+    let mut loadgen_samples: Vec<f64> = Vec::new();
+    // All loadgen processes together: what the simulated devices cost this machine.
+    let mut loadgen_rss_peak = 0u64;
+    let mut node_cpu_base = 0.0;
+    let mut node_pid = node_pid;
+    let node_start = node_pid.and_then(proc_sample);
+    let mut next_sample = started + Duration::from_secs(1);
+    let mut chaos_at = args
+        .chaos_restart_at
+        .map(|s| started + Duration::from_secs_f64(s));
+    let mut chaos_error = None;
+    let mut totals = Counts::default();
+    let mut last_node: Option<ProcSample> = node_start;
+    while results.iter().any(Option::is_none) {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((p, WorkerMsg::Tick(tick))) => {
+                merge_second(&mut partial, tick, processes, &mut |sec, part| {
+                    totals.add(&part.counts);
+                    let second = to_second(sec, &part);
+                    if !args.quiet {
+                        progress_line(&second, &totals, samples.get(sec as usize - 1));
+                    }
+                    seconds.push(second);
+                });
+                let _ = p;
+            }
+            Ok((p, WorkerMsg::Done(result))) => results[p as usize] = Some(Ok(result)),
+            Ok((p, WorkerMsg::Failed(message))) => results[p as usize] = Some(Err(message)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if now >= next_sample {
+            next_sample += Duration::from_secs(1);
+            let sample = node_pid.and_then(proc_sample).map(|mut s| {
+                s.cpu_seconds += node_cpu_base;
+                s
+            });
+            if sample.is_some() {
+                last_node = sample;
+            }
+            samples.push(sample);
+            let workers: Vec<ProcSample> = worker_pids
+                .iter()
+                .filter_map(|pid| proc_sample(*pid))
+                .collect();
+            let me = self_sample().unwrap_or_default();
+            let own =
+                me.cpu_seconds - own_cpu_start + workers.iter().map(|s| s.cpu_seconds).sum::<f64>();
+            loadgen_samples.push(own);
+            let rss = me.rss_bytes + workers.iter().map(|s| s.rss_bytes).sum::<u64>();
+            loadgen_rss_peak = loadgen_rss_peak.max(rss);
+        }
+        if let Some(at) = chaos_at
+            && now >= at
+        {
+            chaos_at = None;
+            if let Some(spawned) = node.as_mut() {
+                node_cpu_base = last_node.map_or(0.0, |s| s.cpu_seconds);
+                if !args.quiet {
+                    eprintln!(
+                        "tern-loadgen: chaos: SIGKILL node {} and restart",
+                        spawned.pid()
+                    );
+                }
+                match spawned.kill_and_restart() {
+                    Ok(()) => node_pid = Some(spawned.pid()),
+                    Err(e) => chaos_error = Some(e),
+                }
+            }
+        }
+    }
+    for (sec, part) in std::mem::take(&mut partial) {
+        totals.add(&part.counts);
+        seconds.push(to_second(sec, &part));
+    }
+    seconds.sort_by_key(|s| s.t);
+    for file in spec_files {
+        let _ = std::fs::remove_file(file);
+    }
+    let node_end = node_pid.and_then(proc_sample).map(|mut s| {
+        s.cpu_seconds += node_cpu_base;
+        s
+    });
+    // Node columns of the time series, second k from the sample taken k seconds in.
+    for (i, second) in seconds.iter_mut().enumerate() {
+        let k = second.t as usize;
+        let _ = i;
+        if let Some(Some(sample)) = samples.get(k.wrapping_sub(1)) {
+            second.node_rss_bytes = sample.rss_bytes;
+            let prev = if k >= 2 {
+                samples[k - 2].map_or(sample.cpu_seconds, |s| s.cpu_seconds)
+            } else {
+                node_start.map_or(sample.cpu_seconds, |s| s.cpu_seconds)
+            };
+            second.node_cpu_pct = ((sample.cpu_seconds - prev) * 100.0).max(0.0);
+        }
+        if k >= 1 && k <= loadgen_samples.len() {
+            let prev = if k >= 2 { loadgen_samples[k - 2] } else { 0.0 };
+            second.loadgen_cpu_pct = ((loadgen_samples[k - 1] - prev) * 100.0).max(0.0);
+        }
+    }
+
+    let mut failures = Vec::new();
+    let mut merged = Hists::new();
+    let mut verdict = crate::verify::Verdict::default();
+    let mut counts = Counts::default();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut clients_total, mut clients_connected, mut unacked) = (0, 0, 0);
+    let mut worker_cpu = 0.0;
+    let (mut drain_seconds, mut final_sync_seconds) = (0.0f64, 0.0f64);
+    for (p, result) in results.into_iter().enumerate() {
+        match result {
+            Some(Ok(r)) => {
+                merged.add(&Hists::from_wire(&r.hists)?);
+                verdict.add(&r.verdict);
+                counts.add(&r.counts);
+                for (k, v) in r.errors {
+                    *errors.entry(k).or_insert(0) += v;
+                }
+                clients_total += r.clients;
+                clients_connected += r.clients_connected;
+                unacked += r.unacked;
+                worker_cpu += r.cpu_seconds;
+                drain_seconds = drain_seconds.max(r.drain_seconds);
+                final_sync_seconds = final_sync_seconds.max(r.final_sync_seconds);
+            }
+            Some(Err(e)) => failures.push(format!("worker {p}: {e}")),
+            None => failures.push(format!("worker {p}: no result")),
+        }
+    }
+    if let Some(e) = chaos_error {
+        failures.push(e);
+    }
+    let own_cpu = self_sample().map_or(0.0, |s| s.cpu_seconds) - own_cpu_start;
+    // One process: the workers' threads are this process's. Several: their own totals.
+    let loadgen_cpu = if processes == 1 {
+        own_cpu
+    } else {
+        worker_cpu + own_cpu
+    };
+    let wall = started.elapsed().as_secs_f64();
+
+    let rss_peak = samples
+        .iter()
+        .flatten()
+        .map(|s| s.rss_bytes)
+        .chain(node_end.map(|s| s.rss_bytes))
+        .max();
+    let node_cpu = match (node_start, node_end) {
+        (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+        _ => None,
+    };
+    // The sending window: from the end of the ramp to the end of the run, in whole
+    // seconds of the time series (second t covers t-1..t).
+    let ramp_seconds = crate::worker::ramp_duration(args).as_secs_f64();
+    let window: Vec<&Second> = seconds
+        .iter()
+        .filter(|s| (s.t as f64) > ramp_seconds.ceil() && (s.t as f64) <= args.duration)
+        .collect();
+    let acked_per_second = if window.is_empty() {
+        0.0
+    } else {
+        window.iter().map(|s| s.acked).sum::<u64>() as f64 / window.len() as f64
+    };
+    let passed = failures.is_empty() && verdict.passed() && unacked == 0;
+    let lat = |m: Metric| summary(merged.get(m));
+    let report = json!({
+        "config": {
+            "args": args,
+            "users": users,
+            "clients": users * args.devices,
+            "processes": processes,
+            "threads_per_process": threads,
+            "server": server.to_string(),
+            "node": if node.is_some() { "spawned" } else { "given" },
+            "logins": if user_ids.is_some() { "token" } else { "password" },
+            "source_ips": source_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+        },
+        "passed": passed,
+        "failures": failures,
+        "clients": {
+            "total": clients_total,
+            "connected": clients_connected,
+            "failed": clients_total - clients_connected,
+            "peak_connected": seconds.iter().map(|s| s.connected).max().unwrap_or(0),
+        },
+        "messages": {
+            "sent": counts.sent,
+            "acked": counts.acked,
+            "delivered": verdict.delivered,
+            "deliveries_expected": verdict.expected,
+            "lost": verdict.lost,
+            "duplicated": verdict.duplicated,
+            "out_of_order": verdict.out_of_order,
+            "unacked_at_end": unacked,
+            "foreign": verdict.foreign,
+            "offered_per_second": if args.window.is_some() { Value::Null } else { json!(args.rate) },
+            "acked_per_second": acked_per_second,
+        },
+        "verification": {
+            "passed": verdict.passed() && unacked == 0,
+            "devices_verified": verdict.devices_verified,
+            "devices_unverified": verdict.devices_unverified,
+        },
+        "latency_ms": Metric::ALL
+            .iter()
+            .map(|m| (m.name().to_owned(), json!(lat(*m))))
+            .collect::<serde_json::Map<String, Value>>(),
+        "server": {
+            "pid": node_pid,
+            "restarts": node.as_ref().map_or(0, |n| n.restarts),
+            "rss_bytes": {
+                "start": node_start.map(|s| s.rss_bytes),
+                "peak": rss_peak,
+                "end": node_end.map(|s| s.rss_bytes),
+            },
+            "cpu_seconds": node_cpu,
+        },
+        "loadgen": {
+            "cpu_seconds": loadgen_cpu,
+            "rss_bytes_peak": loadgen_rss_peak,
+            "send_backlog_max": seconds.iter().map(|s| s.send_backlog).max().unwrap_or(0),
+        },
+        "events": {
+            "connects": counts.connects,
+            "logins": counts.logins,
+            "flaps": counts.flaps,
+            "background_cycles": counts.background_cycles,
+        },
+        "errors": errors,
+        "phases": {
+            "provision_seconds": provision_seconds,
+            "ramp_seconds": ramp_seconds,
+            "run_seconds": args.duration,
+            "drain_seconds": drain_seconds,
+            "final_sync_seconds": final_sync_seconds,
+            "wall_seconds": wall,
+        },
+        "timeseries": seconds,
+    });
+    let summary = human_summary(&report);
+    if let Some(path) = &args.report {
+        write_file(path, &serde_json::to_string_pretty(&report).expect("json"))?;
+    }
+    if let Some(path) = &args.html {
+        write_file(path, &crate::html::run_page(&report))?;
+    }
+    Ok(RunOutcome {
+        report,
+        passed,
+        summary,
+    })
+}
+
+pub fn write_file(path: &Path, text: &str) -> Result<(), String> {
+    let mut file =
+        std::fs::File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Creates (or finds) the load users in the node's data folder; returns their ids.
+fn provision(dir: &Path, prefix: &str, users: u32, password: &str) -> Result<Vec<u64>, String> {
+    let store = tern::storage::Store::open(dir, &tern::storage::StoreConfig::default())
+        .map_err(|e| format!("open store in {}: {e}", dir.display()))?;
+    let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
+    let bulk = store
+        .add_users_bulk(prefix, 0, u64::from(users), &hash)
+        .map_err(|e| format!("provision users: {e}"))?;
+    Ok(bulk.ids.into_iter().map(|id| id.0).collect())
+}
+
+fn merge_second(
+    partial: &mut BTreeMap<u64, Partial>,
+    tick: Tick,
+    processes: u32,
+    done: &mut dyn FnMut(u64, Partial),
+) {
+    let hists = Hists::from_wire(&tick.hists).unwrap_or_default();
+    let entry = partial.entry(tick.sec).or_insert_with(|| Partial {
+        processes: 0,
+        connected: 0,
+        send_backlog: 0,
+        counts: Counts::default(),
+        hists: Hists::new(),
+    });
+    entry.processes += 1;
+    entry.connected += tick.connected;
+    entry.send_backlog += tick.send_backlog;
+    entry.counts.add(&tick.counts);
+    entry.hists.add(&hists);
+    if entry.processes == processes {
+        let part = partial.remove(&tick.sec).expect("present");
+        done(tick.sec, part);
+    }
+}
+
+fn to_second(sec: u64, part: &Partial) -> Second {
+    let ack: Summary = summary(part.hists.get(Metric::Ack));
+    let e2e = summary(part.hists.get(Metric::E2e));
+    let hb = summary(part.hists.get(Metric::Heartbeat));
+    Second {
+        t: sec,
+        connected: part.connected,
+        send_backlog: part.send_backlog,
+        sent: part.counts.sent,
+        acked: part.counts.acked,
+        delivered: part.counts.delivered,
+        errors: part.counts.errors,
+        ack_p50_ms: ack.p50,
+        ack_p99_ms: ack.p99,
+        e2e_p50_ms: e2e.p50,
+        e2e_p99_ms: e2e.p99,
+        heartbeat_p99_ms: hb.p99,
+        ..Second::default()
+    }
+}
+
+fn progress_line(second: &Second, totals: &Counts, node: Option<&Option<ProcSample>>) {
+    let node = match node {
+        Some(Some(sample)) => format!("  node rss {} MiB", sample.rss_bytes >> 20),
+        _ => String::new(),
+    };
+    eprintln!(
+        "[{:>4}s] connected {:>6}  sent {:>6}/s  acked {:>6}/s  delivered {:>7}/s  ack p99 {:>8.2} ms  e2e p99 {:>8.2} ms  hb p99 {:>7.2} ms  errors {}{}",
+        second.t,
+        second.connected,
+        second.sent,
+        second.acked,
+        second.delivered,
+        second.ack_p99_ms,
+        second.e2e_p99_ms,
+        second.heartbeat_p99_ms,
+        totals.errors,
+        node
+    );
+}
+
+fn human_summary(r: &Value) -> String {
+    let g = |path: &str| -> Value {
+        let mut v = r;
+        for key in path.split('.') {
+            v = &v[key];
+        }
+        v.clone()
+    };
+    let num = |path: &str| g(path).as_f64().unwrap_or(0.0);
+    let int = |path: &str| g(path).as_u64().unwrap_or(0);
+    let mib = |path: &str| {
+        g(path).as_u64().map_or("-".to_owned(), |b| {
+            format!("{:.1} MiB", b as f64 / 1048576.0)
+        })
+    };
+    let lat = |name: &str| {
+        format!(
+            "{:<10} p50 {:>8.2}  p99 {:>8.2}  p99.9 {:>8.2}  max {:>8.2} ms  (n={})",
+            name,
+            num(&format!("latency_ms.{name}.p50")),
+            num(&format!("latency_ms.{name}.p99")),
+            num(&format!("latency_ms.{name}.p999")),
+            num(&format!("latency_ms.{name}.max")),
+            int(&format!("latency_ms.{name}.count")),
+        )
+    };
+    let mut out = String::new();
+    let verdict = if r["passed"].as_bool() == Some(true) {
+        "PASSED"
+    } else {
+        "FAILED"
+    };
+    out.push_str(&format!("tern-loadgen run {verdict}\n"));
+    for failure in r["failures"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  failure: {}\n", failure.as_str().unwrap_or("?")));
+    }
+    out.push_str(&format!(
+        "clients     {} total, {} connected, {} never connected, peak {} at once\n",
+        int("clients.total"),
+        int("clients.connected"),
+        int("clients.failed"),
+        int("clients.peak_connected"),
+    ));
+    out.push_str(&format!(
+        "messages    {} sent, {} acked ({:.1}/s over the run), {} unacked at end\n",
+        int("messages.sent"),
+        int("messages.acked"),
+        num("messages.acked_per_second"),
+        int("messages.unacked_at_end"),
+    ));
+    out.push_str(&format!(
+        "delivery    {} of {} device deliveries; lost {}, duplicated {}, out of order {}; {} devices verified, {} not\n",
+        int("messages.delivered"),
+        int("messages.deliveries_expected"),
+        int("messages.lost"),
+        int("messages.duplicated"),
+        int("messages.out_of_order"),
+        int("verification.devices_verified"),
+        int("verification.devices_unverified"),
+    ));
+    for name in ["ack", "e2e", "heartbeat", "connect", "login", "sync"] {
+        out.push_str(&format!("latency     {}\n", lat(name)));
+    }
+    out.push_str(&format!(
+        "node        rss start {}, peak {}, end {}; cpu {:.2} s; restarts {}\n",
+        mib("server.rss_bytes.start"),
+        mib("server.rss_bytes.peak"),
+        mib("server.rss_bytes.end"),
+        num("server.cpu_seconds"),
+        int("server.restarts"),
+    ));
+    out.push_str(&format!(
+        "loadgen     cpu {:.2} s, rss peak {}; wall {:.1} s (drain {:.1} s, final sync {:.1} s)\n",
+        num("loadgen.cpu_seconds"),
+        mib("loadgen.rss_bytes_peak"),
+        num("phases.wall_seconds"),
+        num("phases.drain_seconds"),
+        num("phases.final_sync_seconds"),
+    ));
+    if let Some(errors) = r["errors"].as_object()
+        && !errors.is_empty()
+    {
+        let list: Vec<String> = errors
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
+            .collect();
+        out.push_str(&format!("errors      {}\n", list.join(", ")));
+    }
+    out
+}
+
+/// Used by the hidden `worker` subcommand: runs one partition, JSON lines on stdout.
+pub fn worker_main(spec_file: &PathBuf) -> Result<(), String> {
+    let text = std::fs::read_to_string(spec_file)
+        .map_err(|e| format!("read {}: {e}", spec_file.display()))?;
+    let spec: WorkerSpec = serde_json::from_str(&text).map_err(|e| format!("spec: {e}"))?;
+    let stdout = std::io::stdout();
+    run_process(spec, &mut |msg| {
+        let mut lock = stdout.lock();
+        let line = serde_json::to_string(&msg).expect("worker messages serialise");
+        let _ = writeln!(lock, "{line}");
+        let _ = lock.flush();
+    });
+    Ok(())
+}

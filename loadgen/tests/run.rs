@@ -1,0 +1,278 @@
+//! End-to-end runs of `tern-loadgen --spawn` against real `tern` nodes on loopback. Each run
+//! is seconds long and bounded by a deadline after which the process is killed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_tern-loadgen");
+/// Longest any run here may take before it counts as hung.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The `tern` binary in this build's target folder, built on demand (a plain
+/// `cargo test -p tern-loadgen` does not build the other package's binaries).
+fn tern_bin() -> PathBuf {
+    let dir = Path::new(LOADGEN)
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let bin = dir.join("tern");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "tern", "--bin", "tern", "--manifest-path"]);
+        build.arg(&manifest);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --bin tern failed");
+    }
+    assert!(bin.is_file(), "no tern binary at {}", bin.display());
+    bin
+}
+
+fn run_loadgen(args: &[&str]) -> (Output, Value, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("report.json");
+    let html = dir.path().join("report.html");
+    let mut child = Command::new(LOADGEN)
+        .args(args)
+        .arg("--spawn")
+        .arg("--tern-bin")
+        .arg(tern_bin())
+        .arg("--report")
+        .arg(&report)
+        .arg("--html")
+        .arg(&html)
+        .arg("--quiet")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tern-loadgen");
+    let deadline = Instant::now() + RUN_DEADLINE;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tern-loadgen ran past {RUN_DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().expect("output");
+    let text = std::fs::read_to_string(&report).unwrap_or_else(|e| {
+        panic!(
+            "no report ({e}); stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let report: Value = serde_json::from_str(&text).expect("report is JSON");
+    let page = std::fs::read_to_string(&html).expect("html page written");
+    (output, report, page)
+}
+
+fn at<'a>(report: &'a Value, path: &str) -> &'a Value {
+    let mut value = report;
+    for key in path.split('.') {
+        value = &value[key];
+    }
+    assert!(!value.is_null(), "report lacks {path}");
+    value
+}
+
+fn int(report: &Value, path: &str) -> u64 {
+    at(report, path)
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path} is not a count"))
+}
+
+fn explain(output: &Output, report: &Value) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}\nerrors: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        report["errors"]
+    )
+}
+
+#[test]
+fn a_few_hundred_clients_verify_and_the_report_has_every_field() {
+    let (output, report, page) = run_loadgen(&[
+        "--clients",
+        "300",
+        "--devices",
+        "2",
+        "--rate",
+        "300",
+        "--duration",
+        "4",
+        "--ramp",
+        "1000",
+        "--heartbeat",
+        "0.5",
+        "--pattern",
+        "random",
+        "--size",
+        "32..300",
+        "--background",
+        "0.1",
+        "--flap",
+        "120",
+        "--durability",
+        "none",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    for path in [
+        "config",
+        "clients.connected",
+        "clients.failed",
+        "messages.sent",
+        "messages.acked",
+        "messages.delivered",
+        "messages.lost",
+        "messages.duplicated",
+        "messages.out_of_order",
+        "latency_ms.ack.p50",
+        "latency_ms.ack.p99",
+        "latency_ms.ack.p999",
+        "latency_ms.ack.max",
+        "latency_ms.e2e.p50",
+        "latency_ms.e2e.p99",
+        "latency_ms.e2e.p999",
+        "latency_ms.e2e.max",
+        "latency_ms.heartbeat.p50",
+        "latency_ms.heartbeat.p99",
+        "server.rss_bytes.start",
+        "server.rss_bytes.peak",
+        "server.rss_bytes.end",
+        "server.cpu_seconds",
+        "timeseries",
+    ] {
+        at(&report, path);
+    }
+    assert_eq!(int(&report, "clients.connected"), 300);
+    assert_eq!(int(&report, "clients.failed"), 0);
+    let sent = int(&report, "messages.sent");
+    assert!(sent > 0);
+    assert_eq!(int(&report, "messages.acked"), sent);
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    assert_eq!(int(&report, "messages.out_of_order"), 0);
+    // Every message reaches both devices of its recipient and of its sender.
+    assert_eq!(int(&report, "messages.delivered"), sent * 4);
+    assert!(int(&report, "latency_ms.heartbeat.count") > 0);
+    assert!(
+        int(&report, "events.flaps") > 0,
+        "the flap knob did nothing"
+    );
+    assert!(int(&report, "events.background_cycles") + int(&report, "events.flaps") > 0);
+    assert!(!at(&report, "timeseries").as_array().unwrap().is_empty());
+    assert!(page.contains("<svg") && page.contains("Throughput"));
+    assert!(
+        !page.contains("<script src"),
+        "the page must not fetch anything"
+    );
+}
+
+#[test]
+fn a_node_killed_and_restarted_mid_run_loses_no_acknowledged_message() {
+    let (output, report, _) = run_loadgen(&[
+        "--clients",
+        "100",
+        "--rate",
+        "200",
+        "--duration",
+        "6",
+        "--heartbeat",
+        "1",
+        "--chaos-restart-at",
+        "3",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(
+        int(&report, "server.restarts"),
+        1,
+        "the restart must have happened"
+    );
+    let acked = int(&report, "messages.acked");
+    assert!(acked > 200, "too few messages to prove anything: {acked}");
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    assert_eq!(int(&report, "messages.out_of_order"), 0);
+    assert_eq!(int(&report, "verification.devices_unverified"), 0);
+    // The kill cut every connection; the clients noticed and came back.
+    let logins = int(&report, "events.logins");
+    assert!(logins >= 200, "clients did not log in again: {logins}");
+}
+
+#[test]
+fn worker_processes_merge_into_one_report() {
+    let (output, report, _) = run_loadgen(&[
+        "--clients",
+        "120",
+        "--processes",
+        "2",
+        "--threads",
+        "1",
+        "--rate",
+        "100",
+        "--duration",
+        "3",
+        "--heartbeat",
+        "0.5",
+        "--pattern",
+        "group:3",
+        "--source-ips",
+        "127.0.0.2-127.0.0.3",
+        "--durability",
+        "none",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(int(&report, "config.processes"), 2);
+    assert_eq!(int(&report, "clients.connected"), 120);
+    let sent = int(&report, "messages.sent");
+    assert!(sent > 0);
+    assert_eq!(int(&report, "messages.acked"), sent);
+    assert_eq!(int(&report, "latency_ms.ack.count"), sent);
+    assert_eq!(int(&report, "messages.lost"), 0);
+}
+
+#[test]
+fn capacity_search_steps_the_client_count_and_reports_every_step() {
+    let (output, report, page) = run_loadgen(&[
+        "capacity",
+        "--dimension",
+        "clients",
+        "--factor",
+        "2",
+        "--max-steps",
+        "2",
+        "--slo-p99-ms",
+        "60000",
+        "--clients",
+        "40",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--heartbeat",
+        "0.5",
+        "--durability",
+        "none",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let steps = report["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{stderr}");
+    assert_eq!(steps[0]["load"].as_f64(), Some(40.0));
+    assert_eq!(steps[1]["load"].as_f64(), Some(80.0));
+    assert_eq!(
+        steps[1]["report"]["clients"]["connected"].as_u64(),
+        Some(80),
+        "each step carries its full run report"
+    );
+    assert_eq!(report["best"].as_f64(), Some(80.0));
+    assert!(page.contains("capacity search") && page.contains("<svg"));
+}
