@@ -143,14 +143,17 @@ impl std::error::Error for DecodeError {}
 /// Total frame size announced by the first 4 bytes, or None if fewer are present.
 pub fn frame_len(bytes: &[u8]) -> Option<usize> {
     let prefix: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
-    Some(u32::from_le_bytes(prefix) as usize + 4)
+    // Saturating: on a 32-bit target a hostile prefix near u32::MAX would wrap to a tiny
+    // length; any length this large is refused by `read_header` anyway.
+    Some((u32::from_le_bytes(prefix) as usize).saturating_add(4))
 }
 
 /// Parses and checks a header. `bytes` holds at least `FRAME_HEADER_SIZE` bytes.
 pub fn read_header(bytes: &[u8]) -> Result<FrameHeader, DecodeError> {
     assert!(bytes.len() >= FRAME_HEADER_SIZE);
     let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
-    if (len as usize) < FRAME_HEADER_SIZE - 4 || len as usize + 4 > FRAME_SIZE_MAX {
+    // Compared without adding to `len`: `len + 4` overflows usize on 32-bit targets.
+    if (len as usize) < FRAME_HEADER_SIZE - 4 || len as usize > FRAME_SIZE_MAX - 4 {
         return Err(DecodeError::BadLength(len));
     }
     let kind_raw = u16::from_le_bytes(bytes[4..6].try_into().expect("2 bytes"));
@@ -377,6 +380,22 @@ mod tests {
             frames(&mut reader, &bytes),
             Err(DecodeError::BadLength(_))
         ));
+    }
+
+    /// On 32-bit targets `len + 4` used to overflow (a panic in debug builds, a wrapped
+    /// length accepted in release) for prefixes within 4 of u32::MAX.
+    #[test]
+    fn length_prefix_near_u32_max_is_rejected_on_every_target() {
+        for len in [u32::MAX, u32::MAX - 3, u32::MAX - 4] {
+            let mut bytes = len.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&[5, 0, 0, 0, 1, 0, 0, 0]);
+            assert_eq!(read_header(&bytes), Err(DecodeError::BadLength(len)));
+            assert!(matches!(
+                frames(&mut FrameReader::new(), &bytes),
+                Err(DecodeError::BadLength(_))
+            ));
+            assert!(frame_len(&bytes).is_some_and(|total| total > FRAME_SIZE_MAX));
+        }
     }
 
     #[test]

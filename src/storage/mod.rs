@@ -36,7 +36,7 @@ pub use files::{FileMeta, blob_path, upload_path};
 pub use read::ReadView;
 pub use writer::{
     CommitSink, Delivery, FileSendOp, OpResult, Origin, Reply, WriteOp, WriterHandle, WriterStats,
-    spawn_writer,
+    apply_batch, spawn_writer,
 };
 
 use crate::ids::UserId;

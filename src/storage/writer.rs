@@ -233,6 +233,25 @@ pub fn spawn_writer(
     Ok((WriterHandle { queue }, thread))
 }
 
+/// Applies `ops` in one write transaction and commits it on the calling thread, exactly as
+/// the writer thread applies one batch (without its per-op retry after a failure). On success
+/// `results` and `deliveries` hold what the ops produced; on error nothing was committed.
+///
+/// For benches and tools that measure the batch path without a thread in between. A running
+/// node writes only through `spawn_writer`: two writers on one store would serialise on
+/// LMDB's writer lock and break the writer's batching.
+pub fn apply_batch(
+    store: &Store,
+    ops: &mut [WriteOp],
+    results: &mut Vec<OpResult>,
+    deliveries: &mut Vec<Delivery>,
+) -> Result<(), StoreError> {
+    for op in ops.iter() {
+        apply::check(op)?;
+    }
+    apply::in_one_txn(store, ops, results, deliveries)
+}
+
 struct Writer<S> {
     store: Store,
     sink: S,

@@ -13,6 +13,22 @@ use std::time::{Duration, Instant};
 
 pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
+/// A command running the `tern` binary under test. Set `TERN_TEST_RUNNER` (for example
+/// `qemu-aarch64 -L /usr/aarch64-linux-gnu`, as `tools/cross test` does) to start it through
+/// an emulator: a cross-built `tern` cannot be executed directly on the build host.
+pub fn tern_command() -> Command {
+    let runner = std::env::var("TERN_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        None => Command::new(TERN),
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(TERN);
+            command
+        }
+    }
+}
+
 /// How long a node may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -105,7 +121,7 @@ impl TestNode {
     }
 
     fn spawn(&mut self, listen: SocketAddr) {
-        let mut child = Command::new(TERN)
+        let mut child = tern_command()
             .arg("serve")
             .arg("--data")
             .arg(&self.data)
@@ -216,7 +232,7 @@ impl Drop for TestNode {
 }
 
 pub fn add_user(data: &Path, name: &str, password: &str) {
-    let out = Command::new(TERN)
+    let out = tern_command()
         .args(["user", "add", name, "--password", password, "--data"])
         .arg(data)
         .output()
