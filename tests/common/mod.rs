@@ -333,6 +333,9 @@ impl RawConn {
                 {
                     return None;
                 }
+                // A read with a timeout returns EINTR rather than restarting when the thread
+                // is interrupted (io_uring task work of this process's probe rings does it).
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => self.closed = true,
             }
         }
