@@ -271,30 +271,16 @@ fn apply_send(
         )?;
         seq
     };
-    let first = DedupEntry {
-        msg_id,
-        sender_seq: from_seq,
-        sent_at_ms: send.sent_at_ms,
-    };
-    put_new(
-        dbs.dedup,
+    ack_first_send(
         txn,
-        PutFlags::NO_OVERWRITE,
+        dbs,
         &dedup_key,
-        &first.encode(),
-        "write dedup",
-        "dedup entry exists",
+        send.origin,
+        msg_id,
+        from_seq,
+        send.sent_at_ms,
+        results,
     )?;
-
-    results.push(OpResult::SendAcked {
-        origin: send.origin,
-        ack: SendAck {
-            msg_id,
-            seq: from_seq,
-            sent_at_ms: send.sent_at_ms,
-            duplicate: false,
-        },
-    });
     if send.from != send.to {
         deliveries.push(Delivery {
             user: send.to,
@@ -464,6 +450,45 @@ fn wall_clock_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Records the dedup entry of a first send and acknowledges it: a resend of the same
+/// (sender, client message id) finds the entry and gets this same ack back.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn ack_first_send(
+    txn: &mut RwTxn,
+    dbs: &Dbs,
+    dedup_key: &[u8],
+    origin: Origin,
+    msg_id: u64,
+    sender_seq: u64,
+    sent_at_ms: u64,
+    results: &mut Vec<OpResult>,
+) -> Result<(), StoreError> {
+    let first = DedupEntry {
+        msg_id,
+        sender_seq,
+        sent_at_ms,
+    };
+    put_new(
+        dbs.dedup,
+        txn,
+        PutFlags::NO_OVERWRITE,
+        dedup_key,
+        &first.encode(),
+        "write dedup",
+        "dedup entry exists",
+    )?;
+    results.push(OpResult::SendAcked {
+        origin,
+        ack: SendAck {
+            msg_id,
+            seq: sender_seq,
+            sent_at_ms,
+            duplicate: false,
+        },
+    });
+    Ok(())
 }
 
 /// Puts a key that must not exist yet; finding it is a broken invariant of the stored data,

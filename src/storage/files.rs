@@ -16,7 +16,9 @@ use heed::{PutFlags, RoTxn, RwTxn};
 use sha2::{Digest, Sha256};
 
 use super::StoreError;
-use super::apply::{append_to_timeline, archive_record, next_msg_id, put_message, put_new};
+use super::apply::{
+    ack_first_send, append_to_timeline, archive_record, next_msg_id, put_message, put_new,
+};
 use super::conversations::{NoteKind, note};
 use super::read::ReadView;
 use super::schema::{self, Dbs, DedupEntry, META_FILES_BYTES, META_NEXT_FILE_ID};
@@ -508,29 +510,16 @@ pub(super) fn apply_file_send(
                 .map_err(StoreError::lmdb("write file share"))?;
         }
     }
-    let first = DedupEntry {
-        msg_id,
-        sender_seq: from_seq,
-        sent_at_ms: send.sent_at_ms,
-    };
-    put_new(
-        dbs.dedup,
+    ack_first_send(
         txn,
-        PutFlags::NO_OVERWRITE,
+        dbs,
         &dedup_key,
-        &first.encode(),
-        "write dedup",
-        "dedup entry exists",
+        send.origin,
+        msg_id,
+        from_seq,
+        send.sent_at_ms,
+        results,
     )?;
-    results.push(OpResult::SendAcked {
-        origin: send.origin,
-        ack: SendAck {
-            msg_id,
-            seq: from_seq,
-            sent_at_ms: send.sent_at_ms,
-            duplicate: false,
-        },
-    });
     Ok(())
 }
 

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use heed::{PutFlags, RoTxn, RwTxn};
 
 use super::StoreError;
-use super::apply::{append_to_timeline, archive_record, next_msg_id, put_message, put_new};
+use super::apply::{
+    ack_first_send, append_to_timeline, archive_record, next_msg_id, put_message, put_new,
+};
 use super::conversations::{NoteKind, note};
 use super::read::ReadView;
 use super::schema::{self, Dbs, DedupEntry, META_NEXT_GROUP_ID};
@@ -608,29 +610,16 @@ pub(super) fn apply_group_send(
         deliveries,
     )?;
     debug_assert!(from_seq > 0, "a member is in its group's audience");
-    let first = DedupEntry {
-        msg_id,
-        sender_seq: from_seq,
-        sent_at_ms: send.sent_at_ms,
-    };
-    put_new(
-        dbs.dedup,
+    ack_first_send(
         txn,
-        PutFlags::NO_OVERWRITE,
+        dbs,
         &dedup_key,
-        &first.encode(),
-        "write dedup",
-        "dedup entry exists",
+        send.origin,
+        msg_id,
+        from_seq,
+        send.sent_at_ms,
+        results,
     )?;
-    results.push(OpResult::SendAcked {
-        origin: send.origin,
-        ack: SendAck {
-            msg_id,
-            seq: from_seq,
-            sent_at_ms: send.sent_at_ms,
-            duplicate: false,
-        },
-    });
     Ok(())
 }
 
