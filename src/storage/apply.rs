@@ -16,7 +16,7 @@ use super::schema::{self, Dbs, DedupEntry, DeviceKey, META_NEXT_MSG_ID};
 use super::writer::{Delivery, OpResult, Origin, WriteOp};
 use super::{Store, StoreError};
 use crate::ids::UserId;
-use crate::protocol::{Message, RECORD_MARKER, Record, SendAck};
+use crate::protocol::{ErrorCode, Message, RECORD_MARKER, Record, SendAck};
 
 /// Bytes of an archived `Message` beyond its three strings: five u64 fields and three
 /// string headers, rounded up. Only sizes the serialisation buffer.
@@ -208,23 +208,7 @@ fn apply_send(
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
     let dedup_key = schema::dedup_key(send.from, send.client_msg_id);
-    // The transaction sees its own writes, so a second copy in the same batch finds the
-    // first one here too.
-    let stored = dbs
-        .dedup
-        .get(txn, &dedup_key)
-        .map_err(StoreError::lmdb("read dedup"))?;
-    if let Some(value) = stored {
-        let first = DedupEntry::decode(value)?;
-        results.push(OpResult::SendAcked {
-            origin: send.origin,
-            ack: SendAck {
-                msg_id: first.msg_id,
-                seq: first.sender_seq,
-                sent_at_ms: first.sent_at_ms,
-                duplicate: true,
-            },
-        });
+    if ack_resend(txn, dbs, &dedup_key, send.origin, results)? {
         return Ok(());
     }
 
@@ -450,6 +434,50 @@ fn wall_clock_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Answers a resend: when (sender, client message id) was stored before, in this batch or an
+/// earlier one (the transaction sees its own writes), acks with the first send's ids and
+/// returns true.
+pub(super) fn ack_resend(
+    txn: &RwTxn,
+    dbs: &Dbs,
+    dedup_key: &[u8],
+    origin: Origin,
+    results: &mut Vec<OpResult>,
+) -> Result<bool, StoreError> {
+    let stored = dbs
+        .dedup
+        .get(txn, dedup_key)
+        .map_err(StoreError::lmdb("read dedup"))?;
+    let Some(value) = stored else {
+        return Ok(false);
+    };
+    let first = DedupEntry::decode(value)?;
+    results.push(OpResult::SendAcked {
+        origin,
+        ack: SendAck {
+            msg_id: first.msg_id,
+            seq: first.sender_seq,
+            sent_at_ms: first.sent_at_ms,
+            duplicate: true,
+        },
+    });
+    Ok(true)
+}
+
+/// A refusal of an op that wrote nothing.
+pub(super) fn refuse(
+    results: &mut Vec<OpResult>,
+    origin: Origin,
+    code: ErrorCode,
+    message: &'static str,
+) {
+    results.push(OpResult::Refused {
+        origin,
+        code,
+        message,
+    });
 }
 
 /// Records the dedup entry of a first send and acknowledges it: a resend of the same

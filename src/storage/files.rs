@@ -17,16 +17,17 @@ use sha2::{Digest, Sha256};
 
 use super::StoreError;
 use super::apply::{
-    ack_first_send, append_to_timeline, archive_record, next_msg_id, put_message, put_new,
+    ack_first_send, ack_resend, append_to_timeline, archive_record, next_msg_id, put_message,
+    put_new, refuse,
 };
 use super::conversations::{NoteKind, note};
 use super::read::ReadView;
-use super::schema::{self, Dbs, DedupEntry, META_FILES_BYTES, META_NEXT_FILE_ID};
+use super::schema::{self, Dbs, META_FILES_BYTES, META_NEXT_FILE_ID};
 use super::writer::{Delivery, OpResult, Origin, Reply};
 use crate::ids::UserId;
 use crate::limits::{NODE_FILES_BYTES_MAX, USER_FILES_BYTES_MAX};
 use crate::protocol::{
-    Attachment, ErrorCode, FileInfo, Record, SendAck, conv_group, group_conv, record_kind,
+    Attachment, ErrorCode, FileInfo, Record, conv_group, group_conv, record_kind,
 };
 
 /// A `files` value.
@@ -213,14 +214,6 @@ pub(super) struct FileCommitFields<'a> {
     pub at_ms: u64,
 }
 
-fn refuse(results: &mut Vec<OpResult>, origin: Origin, code: ErrorCode, message: &'static str) {
-    results.push(OpResult::Refused {
-        origin,
-        code,
-        message,
-    });
-}
-
 /// Finishes an upload: checks quota, size and hash, publishes the blob and records the
 /// file. Answers `Reply::File`.
 pub(super) fn apply_file_commit(
@@ -346,21 +339,7 @@ pub(super) fn apply_file_send(
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
     let dedup_key = schema::dedup_key(send.from, send.client_msg_id);
-    if let Some(value) = dbs
-        .dedup
-        .get(txn, &dedup_key)
-        .map_err(StoreError::lmdb("read dedup"))?
-    {
-        let first = DedupEntry::decode(value)?;
-        results.push(OpResult::SendAcked {
-            origin: send.origin,
-            ack: SendAck {
-                msg_id: first.msg_id,
-                seq: first.sender_seq,
-                sent_at_ms: first.sent_at_ms,
-                duplicate: true,
-            },
-        });
+    if ack_resend(txn, dbs, &dedup_key, send.origin, results)? {
         return Ok(());
     }
     let Some(meta) = file_meta(txn, dbs, send.file_id)? else {

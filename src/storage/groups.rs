@@ -13,17 +13,17 @@ use heed::{PutFlags, RoTxn, RwTxn};
 
 use super::StoreError;
 use super::apply::{
-    ack_first_send, append_to_timeline, archive_record, next_msg_id, put_message, put_new,
+    ack_first_send, ack_resend, append_to_timeline, archive_record, next_msg_id, put_message,
+    put_new, refuse,
 };
 use super::conversations::{NoteKind, note};
 use super::read::ReadView;
-use super::schema::{self, Dbs, DedupEntry, META_NEXT_GROUP_ID};
+use super::schema::{self, Dbs, META_NEXT_GROUP_ID};
 use super::writer::{Delivery, OpResult, Origin, Reply};
 use crate::ids::UserId;
 use crate::limits::{GROUP_MEMBERS_MAX, GROUP_NAME_SIZE_MAX, USER_GROUPS_MAX};
 use crate::protocol::{
-    ErrorCode, GroupInfo, GroupMember, GroupSummary, Record, SendAck, group_conv, group_op,
-    record_kind,
+    ErrorCode, GroupInfo, GroupMember, GroupSummary, Record, group_conv, group_op, record_kind,
 };
 
 const ROLE_MEMBER: u8 = 0;
@@ -152,14 +152,6 @@ pub(super) struct GroupOpFields<'a> {
     pub name: &'a str,
     pub users: &'a [UserId],
     pub at_ms: u64,
-}
-
-fn refuse(results: &mut Vec<OpResult>, origin: Origin, code: ErrorCode, message: &'static str) {
-    results.push(OpResult::Refused {
-        origin,
-        code,
-        message,
-    });
 }
 
 /// Applies one group operation: checks the rules, changes the memberships, writes one
@@ -546,21 +538,7 @@ pub(super) fn apply_group_send(
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
     let dedup_key = schema::dedup_key(send.from, send.client_msg_id);
-    let stored = dbs
-        .dedup
-        .get(txn, &dedup_key)
-        .map_err(StoreError::lmdb("read dedup"))?;
-    if let Some(value) = stored {
-        let first = DedupEntry::decode(value)?;
-        results.push(OpResult::SendAcked {
-            origin: send.origin,
-            ack: SendAck {
-                msg_id: first.msg_id,
-                seq: first.sender_seq,
-                sent_at_ms: first.sent_at_ms,
-                duplicate: true,
-            },
-        });
+    if ack_resend(txn, dbs, &dedup_key, send.origin, results)? {
         return Ok(());
     }
     if group_row(txn, dbs, send.group_id)?.is_none() {
