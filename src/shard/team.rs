@@ -25,6 +25,38 @@ impl Shard {
         self.conn_mut(conn_id).and_then(|c| c.identity().cloned())
     }
 
+    /// Answers a read request with its page, or `storage_failed` if the read failed.
+    fn answer_read<T>(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        kind: Kind,
+        result: Result<T, crate::storage::StoreError>,
+    ) where
+        T: for<'a> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    Vec<u8>,
+                    rkyv::ser::allocator::ArenaHandle<'a>,
+                    rkyv::rancor::Failure,
+                >,
+            >,
+    {
+        match result {
+            Ok(page) => {
+                if let Some(conn) = self.conn_mut(conn_id) {
+                    conn.reply(kind, request_id, &page);
+                }
+                self.mark_dirty(conn_id);
+            }
+            Err(e) => self.answer_error(
+                conn_id,
+                request_id,
+                ErrorCode::StorageFailed,
+                &e.to_string(),
+            ),
+        }
+    }
+
     pub(super) fn answer_error(
         &mut self,
         conn_id: ConnId,
@@ -191,29 +223,12 @@ impl Shard {
                 limit,
             } => {
                 let limit = clamp(limit, GROUP_LIST_PAGE_MAX);
-                match self
-                    .ctx
-                    .store
-                    .read()
-                    .and_then(|view| view.user_groups(identity.user, after_group_id, limit))
-                {
-                    Ok((groups, has_more)) => {
-                        if let Some(conn) = self.conn_mut(conn_id) {
-                            conn.reply(
-                                Kind::GroupListPage,
-                                request_id,
-                                &GroupListPage { groups, has_more },
-                            );
-                        }
-                        self.mark_dirty(conn_id);
-                    }
-                    Err(e) => self.answer_error(
-                        conn_id,
-                        request_id,
-                        ErrorCode::StorageFailed,
-                        &e.to_string(),
-                    ),
-                }
+                let page = self.ctx.store.read().and_then(|view| {
+                    let (groups, has_more) =
+                        view.user_groups(identity.user, after_group_id, limit)?;
+                    Ok(GroupListPage { groups, has_more })
+                });
+                self.answer_read(conn_id, request_id, Kind::GroupListPage, page);
             }
             Request::History {
                 request_id,
@@ -227,29 +242,11 @@ impl Shard {
                 limit,
             } => {
                 let limit = clamp(limit, CONVERSATIONS_PAGE_MAX);
-                match self
-                    .ctx
-                    .store
-                    .read()
-                    .and_then(|view| view.conversations(identity.user, offset, limit))
-                {
-                    Ok((items, total)) => {
-                        if let Some(conn) = self.conn_mut(conn_id) {
-                            conn.reply(
-                                Kind::ConversationsPage,
-                                request_id,
-                                &ConversationsPage { items, total },
-                            );
-                        }
-                        self.mark_dirty(conn_id);
-                    }
-                    Err(e) => self.answer_error(
-                        conn_id,
-                        request_id,
-                        ErrorCode::StorageFailed,
-                        &e.to_string(),
-                    ),
-                }
+                let page = self.ctx.store.read().and_then(|view| {
+                    let (items, total) = view.conversations(identity.user, offset, limit)?;
+                    Ok(ConversationsPage { items, total })
+                });
+                self.answer_read(conn_id, request_id, Kind::ConversationsPage, page);
             }
             other => return Some(other),
         }
