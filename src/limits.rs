@@ -54,7 +54,7 @@ pub const SHARD_UNAUTHENTICATED_MAX: usize = 4096;
 /// io_uring provided-buffer ring, one per shard: how many receive buffers and how large.
 /// Every connection's multishot recv draws from this pool and gives the buffer back as
 /// soon as the shard has consumed the bytes, so an idle connection holds none. Cost:
-/// 256 × 4 KiB = 1 MiB of address space per shard, resident only once touched. When the
+/// 256 × 4 KiB = 1 MiB per shard, resident from start-up. When the
 /// pool runs dry a recv ends with ENOBUFS and is re-armed next turn (backpressure).
 pub const URING_RECV_BUFFERS: u16 = 256;
 pub const URING_RECV_BUFFER_SIZE: usize = 4096;

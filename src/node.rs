@@ -137,10 +137,10 @@ impl Node {
             directory,
             mailboxes: mailboxes.clone(),
             token_key,
-            session: SessionConfig {
+            session: Arc::new(SessionConfig {
                 heartbeat_interval_ms: config.heartbeat_interval_ms,
                 node_name: format!("tern {}", env!("CARGO_PKG_VERSION")),
-            },
+            }),
             stop: stop.clone(),
         };
         let mut shards = Vec::with_capacity(config.shards);

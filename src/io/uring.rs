@@ -43,6 +43,12 @@ const ACCEPT_RETRY_MS: u64 = 10;
 const CLOSE_DRAIN_BYTES_MAX: u32 = 64 * 1024;
 /// An output buffer larger than this is freed rather than kept for the next burst.
 const OUTPUT_KEEP_BYTES_MAX: usize = 64 * 1024;
+/// A stretched heartbeat wait ends early once this many completions have arrived: a burst
+/// is served at once rather than at the end of the window.
+const COALESCE_BATCH: usize = 64;
+/// A stretched wait needs a general timeout beyond its window (or the kernel ends it at the
+/// window with nothing to return); this one stands in when the shard has no timer due.
+const COALESCE_IDLE_WAIT: Duration = Duration::from_secs(1);
 /// Completions handled at exit, waiting for the listener's and the wake-up's cancellation.
 const EXIT_WAIT_MS: u64 = 1_000;
 
@@ -232,6 +238,9 @@ impl Drop for BufRing {
     }
 }
 
+/// Populated at once: the buffer pool is a fixed cost of the shard, resident from start-up
+/// (the kernel's copies into it never fault, and the node's memory does not creep up as
+/// recvs cycle through the pool).
 fn mmap_anonymous(bytes: usize) -> io::Result<*mut u8> {
     // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
     let p = unsafe {
@@ -239,7 +248,7 @@ fn mmap_anonymous(bytes: usize) -> io::Result<*mut u8> {
             std::ptr::null_mut(),
             bytes,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
             -1,
             0,
         )
@@ -356,6 +365,9 @@ pub struct UringBackend {
     wake_armed: bool,
     /// Sends queued since the last enter. Small sends complete inside that enter.
     sends_queued: usize,
+    /// The kernel has IORING_FEAT_MIN_TIMEOUT (Linux 6.12): a wait can sleep through a
+    /// window of arrivals and wake once for all of them.
+    min_timeout: bool,
     now: Instant,
     stats: BackendStats,
     stats_cell: Arc<StatsCell>,
@@ -373,6 +385,7 @@ impl UringBackend {
         let ring = build_ring()?;
         let buffers = BufRing::new()?;
         buffers.register(&ring)?;
+        let min_timeout = ring.params().is_feature_min_timeout();
         // SAFETY: eventfd returns a new descriptor or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -398,6 +411,7 @@ impl UringBackend {
             accept_retry_at: None,
             wake_armed: false,
             sends_queued: 0,
+            min_timeout,
             now: Instant::now(),
             stats: BackendStats::default(),
             stats_cell,
@@ -587,34 +601,61 @@ impl UringBackend {
     }
 
     /// One enter: submits everything queued and waits for a completion or `timeout`.
-    /// With `coalesce` (the last turn only answered heartbeats) the wait does not end for
-    /// the completions of the sends it submits (small sends complete inside the enter),
-    /// only for new input, so each heartbeat costs one enter instead of two; a send that
-    /// does not complete at once ends the wait after `HEARTBEAT_COALESCE_US` at the latest.
+    ///
+    /// With `coalesce` (a quiet spell of heartbeats, see `Handler::heartbeats_only`) the
+    /// wait is stretched so that one wake-up serves many pings: on Linux 6.12+ the kernel
+    /// sleeps for `HEARTBEAT_COALESCE_US` unless `COALESCE_BATCH` completions arrive
+    /// first, then returns with whatever came (or, if nothing did, at the first arrival).
+    /// The caller has reaped the completions of its own sends before, so only new input
+    /// ends the window. Older kernels only skip the wake-up for those send completions.
     fn submit_and_wait(&mut self, timeout: Option<Duration>, coalesce: bool) -> io::Result<()> {
-        let (want, timeout) = if coalesce && self.sends_queued > 0 {
-            let window = Duration::from_micros(u64::from(HEARTBEAT_COALESCE_US));
-            (
-                1 + self.sends_queued,
-                Some(timeout.map_or(window, |t| t.min(window))),
-            )
+        let window = Duration::from_micros(u64::from(HEARTBEAT_COALESCE_US));
+        let submitter = self.ring.submitter();
+        let result = if coalesce && self.min_timeout {
+            // Without a general timeout past the window the kernel would end the wait at
+            // the window's end even with nothing to return.
+            let ts = Timespec::from(timeout.unwrap_or(COALESCE_IDLE_WAIT).max(window));
+            let args = SubmitArgs::new()
+                .min_wait_usec(HEARTBEAT_COALESCE_US)
+                .timespec(&ts);
+            submitter.submit_with_args(COALESCE_BATCH, &args)
         } else {
-            (1, timeout)
+            let (want, timeout) = if coalesce && self.sends_queued > 0 {
+                (
+                    1 + self.sends_queued,
+                    Some(timeout.map_or(window, |t| t.min(window))),
+                )
+            } else {
+                (1, timeout)
+            };
+            match timeout {
+                Some(timeout) => {
+                    let ts = Timespec::from(timeout);
+                    submitter.submit_with_args(want, &SubmitArgs::new().timespec(&ts))
+                }
+                None => submitter.submit_and_wait(want),
+            }
         };
         self.sends_queued = 0;
-        let submitter = self.ring.submitter();
-        let result = match timeout {
-            Some(timeout) => {
-                let ts = Timespec::from(timeout);
-                submitter.submit_with_args(want, &SubmitArgs::new().timespec(&ts))
-            }
-            None => submitter.submit_and_wait(want),
-        };
         match result {
             Ok(_) => Ok(()),
             Err(e) if retryable(&e) || e.raw_os_error() == Some(libc::ETIME) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Submits what is queued without waiting, so the sends it carries complete now and
+    /// their completions can be reaped before a stretched wait. True if completions are
+    /// ready.
+    fn submit_now(&mut self) -> io::Result<bool> {
+        if !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(_) => self.sends_queued = 0,
+                Err(e) if retryable(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(!self.ring.completion().is_empty())
     }
 
     fn complete(&mut self, handler: &mut dyn Handler) -> io::Result<()> {
@@ -975,7 +1016,15 @@ impl Backend for UringBackend {
             } else {
                 self.wait_timeout(timeout)
             };
-            let coalesce = handler.heartbeats_only();
+            let coalesce = !stopping && handler.heartbeats_only();
+            if coalesce && self.min_timeout && self.submit_now()? {
+                // Completions first (mostly the pongs just sent): a stretched wait must
+                // end for new input only.
+                self.now = Instant::now();
+                self.complete(handler)?;
+                handler.flush(self);
+                continue;
+            }
             self.submit_and_wait(timeout, coalesce)?;
             self.now = Instant::now();
             self.complete(handler)?;

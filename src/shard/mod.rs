@@ -43,7 +43,8 @@ pub struct ShardContext {
     pub directory: Arc<Directory>,
     pub mailboxes: Arc<[Mailbox]>,
     pub token_key: Arc<TokenKey>,
-    pub session: SessionConfig,
+    /// Shared so that handing it to a connection per received chunk costs no allocation.
+    pub session: Arc<SessionConfig>,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -80,8 +81,6 @@ pub struct Shard {
     kicks_pending: Vec<(ShardId, ConnId)>,
     /// Something other than heartbeats was handled since `heartbeats_only` last asked.
     urgent: bool,
-    /// A ping was answered since `heartbeats_only` last asked.
-    pinged: bool,
     /// Monotonic ms of the last urgent work; heartbeat coalescing waits for a quiet spell.
     last_urgent_ms: u64,
     /// Monotonic ms of the latest event this shard saw.
@@ -113,7 +112,6 @@ impl Shard {
             deliveries: Vec::new(),
             kicks_pending: Vec::new(),
             urgent: false,
-            pinged: false,
             last_urgent_ms: 0,
             now_ms: 0,
             presence_conns: HashMap::new(),
@@ -586,9 +584,7 @@ impl Handler for Shard {
         let heartbeat = conn.receive(bytes, now_ms, &session, &mut requests);
         let has_output = !conn.output().is_empty() || conn.is_closing();
         self.now_ms = now_ms;
-        if heartbeat {
-            self.pinged = true;
-        } else {
+        if !heartbeat {
             self.urgent = true;
         }
         self.requests = requests;
@@ -701,13 +697,10 @@ impl Handler for Shard {
         if self.urgent || !self.kicks_pending.is_empty() {
             self.last_urgent_ms = self.now_ms;
         }
-        // Coalesce only in a quiet spell of pure heartbeats: while messages flow, no wait
-        // is stretched.
-        let coalesce = self.pinged
-            && self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS;
         self.urgent = false;
-        self.pinged = false;
-        coalesce
+        // Coalesce only in a quiet spell without message traffic: while messages flow, no
+        // wait is stretched.
+        self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS
     }
 }
 
