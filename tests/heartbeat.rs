@@ -87,8 +87,85 @@ fn duplicate_device_login_kicks_the_older_connection(io: Io) {
     }
 }
 
+/// Pings alone let a shard stretch its waits (io_uring: `HEARTBEAT_COALESCE_US`); what
+/// arrives in such a wait must still be served: pongs for a pipelined burst, and a message
+/// that ends the quiet spell is acknowledged and pushed.
+fn quiet_spells_of_heartbeats_still_serve_pings_and_messages(io: Io) {
+    let node = TestNode::start(io, &["--shards", "1"]);
+    node.add_user("alice", "pw");
+    node.add_user("bob", "pw");
+    let mut alice = RawConn::connect(node.addr);
+    alice.login("alice", "pw", "phone");
+    let mut bob = RawConn::connect(node.addr);
+    bob.login("bob", "pw", "phone");
+    let mut nonce = 0u64;
+    for round in 0..5u64 {
+        // A quiet spell: only heartbeats for well over HEARTBEAT_COALESCE_QUIET_MS.
+        let quiet = Instant::now();
+        while quiet.elapsed() < Duration::from_millis(300) {
+            for conn in [&mut alice, &mut bob] {
+                nonce += 1;
+                conn.send(Kind::Ping, nonce as u32, &Ping { nonce });
+                let (h, p) = read_skipping_pushes(conn);
+                assert_eq!(h.kind, Kind::Pong);
+                let pong = access::<ArchivedPong>(Kind::Pong, &p).unwrap();
+                assert_eq!(pong.nonce.to_native(), nonce);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A pipelined burst of pings, all answered in order.
+        let first = nonce + 1;
+        let mut burst = Vec::new();
+        for _ in 0..100 {
+            nonce += 1;
+            encode(&mut burst, Kind::Ping, nonce as u32, &Ping { nonce });
+        }
+        bob.write_bytes(&burst);
+        for expected in first..=nonce {
+            let (h, p) = read_skipping_pushes(&mut bob);
+            assert_eq!(h.kind, Kind::Pong);
+            let pong = access::<ArchivedPong>(Kind::Pong, &p).unwrap();
+            assert_eq!(pong.nonce.to_native(), expected);
+        }
+        // A message ends the spell.
+        let text = format!("after quiet spell {round}");
+        alice.send(
+            Kind::Send,
+            1000 + round as u32,
+            &Send {
+                to: "bob".into(),
+                client_msg_id: round + 1,
+                text: text.clone(),
+            },
+        );
+        // The sender's own device may get its copy pushed before the ack.
+        let ack = read_skipping_pushes(&mut alice);
+        assert_eq!(ack.0.kind, Kind::SendAck, "error {}", error_code(&ack.1));
+        assert_eq!(ack.0.request_id, 1000 + round as u32);
+        let (h, p) = bob.read_frame(Duration::from_secs(10)).expect("push");
+        assert_eq!(h.kind, Kind::Push);
+        let push = access::<ArchivedPush>(Kind::Push, &p).unwrap();
+        assert_eq!(push.entries.len(), 1);
+        let message =
+            access::<ArchivedMessage>(Kind::Push, push.entries[0].message.as_slice()).unwrap();
+        assert_eq!(message.text.as_str(), text);
+    }
+    assert!(!alice.is_closed() && !bob.is_closed());
+}
+
+/// The next frame that is not a push of the connection's own sent messages.
+fn read_skipping_pushes(conn: &mut RawConn) -> (FrameHeader, Vec<u8>) {
+    loop {
+        let (h, p) = conn.read_frame(Duration::from_secs(10)).expect("frame");
+        if h.kind != Kind::Push {
+            return (h, p);
+        }
+    }
+}
+
 io_tests!(
     silent_client_is_closed_and_heartbeating_one_is_not,
     connection_that_never_logs_in_is_closed_at_the_handshake_deadline,
     duplicate_device_login_kicks_the_older_connection,
+    quiet_spells_of_heartbeats_still_serve_pings_and_messages,
 );
