@@ -67,6 +67,17 @@ fn parse_args() -> Args {
     args
 }
 
+/// RssAnon of `pid` in KiB: the heap and other private memory, without the LMDB map's
+/// file-backed pages (page cache the kernel can reclaim).
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("RssAnon")
+}
+
 /// utime+stime of `pid` in clock ticks, and its VmRSS in KiB.
 fn proc_sample(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
@@ -81,6 +92,25 @@ fn proc_sample(pid: u32) -> (u64, u64) {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmRSS");
     (ticks, rss_kib)
+}
+
+/// Context switches of every thread of `pid` (voluntary + involuntary): each voluntary one
+/// is a sleep the thread later wakes from, the cost heartbeat coalescing cuts.
+fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read tasks") {
+        let status = std::fs::read_to_string(task.expect("task entry").path().join("status"))
+            .unwrap_or_default();
+        total += status
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches:")
+                    || l.starts_with("nonvoluntary_ctxt_switches:")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
 }
 
 /// CPU time of every thread of `pid` in ns from the scheduler (/proc/PID/task/*/schedstat):
@@ -352,6 +382,7 @@ fn main() {
     };
     let mut events = Events::with_capacity(4096);
     let (_, rss_before_kib) = proc_sample(args.pid);
+    let anon_before_kib = rss_anon_kib(args.pid);
 
     // Ramp up with a bounded number of logins in flight.
     let ramp_start = Instant::now();
@@ -390,6 +421,7 @@ fn main() {
         bench.turn(&mut events, Duration::from_millis(50));
     }
     let (_, rss_idle_kib) = proc_sample(args.pid);
+    let anon_idle_kib = rss_anon_kib(args.pid);
     // Baseline: what the node spends with every connection silent (timers, wake-ups).
     let (idle_ticks_start, _) = proc_sample(args.pid);
     let idle = Instant::now();
@@ -407,6 +439,7 @@ fn main() {
     let beat_end = beat_start + Duration::from_secs(args.beat_s);
     let (ticks_start, _) = proc_sample(args.pid);
     let sched_start = sched_ns(args.pid);
+    let switches_start = context_switches(args.pid);
     let pongs_start = bench.pongs;
     let mut pinged = 0u64;
     let ping = frame(Kind::Ping, 3, &Ping { nonce: 1 });
@@ -427,6 +460,7 @@ fn main() {
     }
     let (ticks_end, rss_end_kib) = proc_sample(args.pid);
     let sched_us = (sched_ns(args.pid) - sched_start) / 1000;
+    let switches = context_switches(args.pid) - switches_start;
     let beat_elapsed_s = beat_start.elapsed().as_secs_f64();
     let pongs = bench.pongs - pongs_start;
     let beat_pings = pinged;
@@ -517,6 +551,7 @@ fn main() {
         "rss_idle_kib": rss_idle_kib,
         "rss_end_kib": rss_end_kib,
         "rss_bytes_per_conn": ((rss_idle_kib.saturating_sub(rss_before_kib)) * 1024) as f64 / args.conns as f64,
+        "rss_anon_bytes_per_conn": ((anon_idle_kib.saturating_sub(anon_before_kib)) * 1024) as f64 / args.conns as f64,
         "heartbeat_s": args.beat_s,
         "idle_s": idle_s,
         "idle_server_cpu_us_per_s": idle_cpu_us_per_s,
@@ -525,6 +560,7 @@ fn main() {
         "server_cpu_ms": cpu_us as f64 / 1000.0,
         "server_cpu_us_per_heartbeat": cpu_us as f64 / pongs.max(1) as f64,
         "server_sched_us_per_heartbeat": sched_us as f64 / pongs.max(1) as f64,
+        "server_context_switches_per_heartbeat": switches as f64 / pongs.max(1) as f64,
         "server_cpu_us_per_heartbeat_net_of_idle": (cpu_us as f64 - idle_cpu_us_per_s * beat_elapsed_s) / pongs.max(1) as f64,
         "closed_by_node": bench.closed,
         "messages": msg_report,

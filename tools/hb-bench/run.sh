@@ -6,13 +6,15 @@
 # For each loop (epoll, uring): a fresh data folder with users hb0..hb3 (idle devices),
 # hbs0..hbs7 (senders) and hbr (recipient); `tern serve --io LOOP --heartbeat-ms 10000
 # --durability none`; hb-bench against it (see tools/hb-bench/main.rs); SIGTERM. Prints one
-# JSON line per loop. Durability none keeps fsync latency out of a comparison of loops.
+# JSON line per loop, then one for hb-floor (the CPU of one pong-sized loopback write, the
+# floor under any loop's cost per heartbeat). Durability none keeps fsync latency out of a
+# comparison of loops.
 set -eu
 CONNS=${1:-15000}
 BEAT_S=${2:-30}
 SHARDS=${3:-2}
 PORT=7499
-cargo build --release --bin tern --example hb-bench >&2
+cargo build --release --bin tern --example hb-bench --example hb-floor >&2
 TERN=target/release/tern
 BENCH=target/release/examples/hb-bench
 for io in epoll uring; do
@@ -39,3 +41,5 @@ for io in epoll uring; do
     wait "$pid" || true
     rm -rf "$dir"
 done
+# The floor under both: one pong-sized write on loopback (see tools/hb-bench/floor.rs).
+target/release/examples/hb-floor --conns 1000 --rounds 20 | sed 's/^{/{"io":"floor",/'
