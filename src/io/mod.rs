@@ -37,11 +37,11 @@ pub trait Handler {
     fn flush(&mut self, transmit: &mut dyn Transmit);
     /// True once the shard wants its loop to end.
     fn should_stop(&self) -> bool;
-    /// True when the work since the last call was heartbeats (pings in, pongs out) and
-    /// the shard has seen no message traffic for a while, so the backend may let its next
-    /// wait gather more completions for a bounded moment (`limits::HEARTBEAT_COALESCE_US`)
-    /// before it runs a turn. Message traffic (requests, store completions, pushes) makes
-    /// it false. Resets on each call.
+    /// True in a quiet spell: the shard has handled nothing but heartbeats (pings in, pongs
+    /// out) for `limits::HEARTBEAT_COALESCE_QUIET_MS`, so the backend may let its next wait
+    /// gather completions for a bounded moment (`limits::HEARTBEAT_COALESCE_US`) before it
+    /// runs a turn. Message traffic (requests, store completions, pushes), timeouts and
+    /// kicks end the spell.
     fn heartbeats_only(&mut self) -> bool {
         false
     }
