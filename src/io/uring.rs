@@ -613,11 +613,12 @@ impl UringBackend {
         let submitter = self.ring.submitter();
         let result = if coalesce && self.min_timeout {
             // Without a general timeout past the window the kernel would end the wait at
-            // the window's end even with nothing to return.
-            let ts = Timespec::from(timeout.unwrap_or(COALESCE_IDLE_WAIT).max(window));
-            let args = SubmitArgs::new()
-                .min_wait_usec(HEARTBEAT_COALESCE_US)
-                .timespec(&ts);
+            // the window's end even with nothing to return. A timer due within the window
+            // shortens it: the kernel then returns at the timer with whatever came.
+            let limit = timeout.unwrap_or(COALESCE_IDLE_WAIT);
+            let min_wait = u32::try_from(window.min(limit).as_micros()).unwrap_or(u32::MAX);
+            let ts = Timespec::from(limit);
+            let args = SubmitArgs::new().min_wait_usec(min_wait).timespec(&ts);
             submitter.submit_with_args(COALESCE_BATCH, &args)
         } else {
             let (want, timeout) = if coalesce && self.sends_queued > 0 {
