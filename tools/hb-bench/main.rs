@@ -78,13 +78,19 @@ fn rss_anon_kib(pid: u32) -> u64 {
         .expect("RssAnon")
 }
 
-/// utime+stime of `pid` in clock ticks, and its VmRSS in KiB.
-fn proc_sample(pid: u32) -> (u64, u64) {
+/// utime and stime of `pid` in clock ticks.
+fn user_sys_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    (fields[11].parse().unwrap(), fields[12].parse().unwrap())
+}
+
+/// utime+stime of `pid` in clock ticks, and its VmRSS in KiB.
+fn proc_sample(pid: u32) -> (u64, u64) {
+    let (user, sys) = user_sys_ticks(pid);
+    let ticks = user + sys;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
     let rss_kib = status
         .lines()
@@ -438,6 +444,7 @@ fn main() {
     let beat_start = Instant::now();
     let beat_end = beat_start + Duration::from_secs(args.beat_s);
     let (ticks_start, _) = proc_sample(args.pid);
+    let (user_start, sys_start) = user_sys_ticks(args.pid);
     let sched_start = sched_ns(args.pid);
     let switches_start = context_switches(args.pid);
     let pongs_start = bench.pongs;
@@ -459,6 +466,7 @@ fn main() {
         bench.turn(&mut events, Duration::from_millis(10));
     }
     let (ticks_end, rss_end_kib) = proc_sample(args.pid);
+    let (user_end, sys_end) = user_sys_ticks(args.pid);
     let sched_us = (sched_ns(args.pid) - sched_start) / 1000;
     let switches = context_switches(args.pid) - switches_start;
     let beat_elapsed_s = beat_start.elapsed().as_secs_f64();
@@ -560,6 +568,8 @@ fn main() {
         "server_cpu_ms": cpu_us as f64 / 1000.0,
         "server_cpu_us_per_heartbeat": cpu_us as f64 / pongs.max(1) as f64,
         "server_sched_us_per_heartbeat": sched_us as f64 / pongs.max(1) as f64,
+        "server_user_us_per_heartbeat": ((user_end - user_start) * 1_000_000 / ticks_per_s()) as f64 / pongs.max(1) as f64,
+        "server_sys_us_per_heartbeat": ((sys_end - sys_start) * 1_000_000 / ticks_per_s()) as f64 / pongs.max(1) as f64,
         "server_context_switches_per_heartbeat": switches as f64 / pongs.max(1) as f64,
         "server_cpu_us_per_heartbeat_net_of_idle": (cpu_us as f64 - idle_cpu_us_per_s * beat_elapsed_s) / pongs.max(1) as f64,
         "closed_by_node": bench.closed,
