@@ -19,6 +19,10 @@ pub enum IoRequest {
 /// switch for kernels with io_uring bugs, and how tests exercise the fallback end to end.
 pub const URING_DISABLE_ENV: &str = "TERN_IO_URING_DISABLE";
 
+/// What the log line says of a kernel without IORING_FEAT_MIN_TIMEOUT.
+pub const NO_MIN_TIMEOUT: &str =
+    "no minimum wait before Linux 6.12: heartbeat wake-ups coalesce less";
+
 /// The loop chosen and the one log line that says which and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection {
@@ -26,12 +30,16 @@ pub struct Selection {
     pub log_line: String,
 }
 
+/// What a passed probe found: io_uring runs, perhaps without a feature that only makes it
+/// cheaper (`limited` names what is missing, for the log line).
+pub type ProbeResult = Result<Option<String>, String>;
+
 /// Decides the loop from the request and a probe result (`Err` carries the reason, e.g.
 /// "ENOSYS"). The probe runs only when the request needs it. Err: `--io uring` on a node
 /// that cannot run it.
 pub fn select(
     request: IoRequest,
-    probe: impl FnOnce() -> Result<(), String>,
+    probe: impl FnOnce() -> ProbeResult,
 ) -> Result<Selection, String> {
     match request {
         IoRequest::Epoll => Ok(Selection {
@@ -39,18 +47,24 @@ pub fn select(
             log_line: "io: epoll (requested)".to_owned(),
         }),
         IoRequest::Uring => match probe() {
-            Ok(()) => Ok(Selection {
+            Ok(limited) => Ok(Selection {
                 kind: IoKind::Uring,
-                log_line: "io: uring (requested)".to_owned(),
+                log_line: match limited {
+                    None => "io: uring (requested)".to_owned(),
+                    Some(missing) => format!("io: uring (requested; {missing})"),
+                },
             }),
             Err(reason) => Err(format!(
                 "--io uring: io_uring unavailable: {reason} (use --io auto or --io epoll)"
             )),
         },
         IoRequest::Auto => match probe() {
-            Ok(()) => Ok(Selection {
+            Ok(limited) => Ok(Selection {
                 kind: IoKind::Uring,
-                log_line: "io: uring".to_owned(),
+                log_line: match limited {
+                    None => "io: uring".to_owned(),
+                    Some(missing) => format!("io: uring ({missing})"),
+                },
             }),
             Err(reason) => Ok(Selection {
                 kind: IoKind::Epoll,
@@ -61,7 +75,7 @@ pub fn select(
 }
 
 /// Probes this process's io_uring: the kill switch, the target, then the kernel.
-pub fn probe_uring() -> Result<(), String> {
+pub fn probe_uring() -> ProbeResult {
     if std::env::var_os(URING_DISABLE_ENV).is_some_and(|v| !v.is_empty()) {
         return Err(format!("disabled by {URING_DISABLE_ENV}"));
     }
@@ -69,12 +83,12 @@ pub fn probe_uring() -> Result<(), String> {
 }
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn probe_kernel() -> Result<(), String> {
+fn probe_kernel() -> ProbeResult {
     super::uring::probe()
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn probe_kernel() -> Result<(), String> {
+fn probe_kernel() -> ProbeResult {
     Err("not built for this target".to_owned())
 }
 
@@ -99,7 +113,7 @@ pub fn errno_name(error: &std::io::Error) -> String {
 mod tests {
     use super::*;
 
-    fn enosys() -> Result<(), String> {
+    fn enosys() -> ProbeResult {
         Err(errno_name(&std::io::Error::from_raw_os_error(libc::ENOSYS)))
     }
 
@@ -115,9 +129,23 @@ mod tests {
 
     #[test]
     fn auto_takes_uring_when_the_probe_passes() {
-        let selection = select(IoRequest::Auto, || Ok(())).unwrap();
+        let selection = select(IoRequest::Auto, || Ok(None)).unwrap();
         assert_eq!(selection.kind, IoKind::Uring);
         assert_eq!(selection.log_line, "io: uring");
+    }
+
+    #[test]
+    fn a_kernel_without_an_optional_feature_runs_uring_and_says_what_is_missing() {
+        let limited = || Ok(Some(NO_MIN_TIMEOUT.to_owned()));
+        let selection = select(IoRequest::Auto, limited).unwrap();
+        assert_eq!(selection.kind, IoKind::Uring);
+        assert_eq!(selection.log_line, format!("io: uring ({NO_MIN_TIMEOUT})"));
+        let selection = select(IoRequest::Uring, limited).unwrap();
+        assert_eq!(selection.kind, IoKind::Uring);
+        assert_eq!(
+            selection.log_line,
+            format!("io: uring (requested; {NO_MIN_TIMEOUT})")
+        );
     }
 
     #[test]

@@ -292,8 +292,9 @@ fn build_ring() -> io::Result<IoUring> {
 
 /// Whether this kernel and process can run the backend: ring set-up with our flags, the
 /// features and opcodes we use, and a provided-buffer ring. Err names the first missing
-/// piece (an errno name such as "ENOSYS", or the feature).
-pub fn probe() -> Result<(), String> {
+/// piece (an errno name such as "ENOSYS", or the feature); Ok(Some) names an optional
+/// feature the kernel lacks.
+pub fn probe() -> super::probe::ProbeResult {
     let ring = build_ring().map_err(|e| match e.raw_os_error() {
         Some(libc::EINVAL) => {
             "EINVAL on ring set-up (SINGLE_ISSUER/DEFER_TASKRUN need Linux 6.1)".to_owned()
@@ -337,9 +338,11 @@ pub fn probe() -> Result<(), String> {
     ring.submitter()
         .unregister_buf_ring(BUFFER_GROUP)
         .map_err(|e| format!("provided-buffer ring: {}", errno_name(&e)))?;
+    let limited =
+        (!ring.params().is_feature_min_timeout()).then(|| super::probe::NO_MIN_TIMEOUT.to_owned());
     drop(ring);
     drop(buffers);
-    Ok(())
+    Ok(limited)
 }
 
 pub struct UringBackend {

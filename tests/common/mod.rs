@@ -51,9 +51,9 @@ impl Io {
     /// test process: same kernel, same sandbox); otherwise says so on stderr, past the
     /// test harness's capture, and returns None.
     pub fn uring_or_skip() -> Option<Io> {
-        static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+        static PROBE: OnceLock<tern::io::probe::ProbeResult> = OnceLock::new();
         match PROBE.get_or_init(tern::io::probe::probe_uring) {
-            Ok(()) => Some(Io::Uring),
+            Ok(_) => Some(Io::Uring),
             Err(reason) => {
                 let _ = writeln!(
                     std::io::stderr(),
