@@ -36,6 +36,9 @@ pub struct NodeConfig {
     pub shards: usize,
     pub durability: Durability,
     pub heartbeat_interval_ms: u32,
+    /// io_uring shards answer the pings of a quiet spell in one wake-up per
+    /// `limits::HEARTBEAT_COALESCE_US` (see `io::Handler::heartbeats_only`).
+    pub heartbeat_coalescing: bool,
     pub io: IoKind,
     pub map_size: Option<usize>,
 }
@@ -141,6 +144,7 @@ impl Node {
                 heartbeat_interval_ms: config.heartbeat_interval_ms,
                 node_name: format!("tern {}", env!("CARGO_PKG_VERSION")),
             }),
+            heartbeat_coalescing: config.heartbeat_coalescing,
             stop: stop.clone(),
         };
         let mut shards = Vec::with_capacity(config.shards);

@@ -91,7 +91,17 @@ fn duplicate_device_login_kicks_the_older_connection(io: Io) {
 /// arrives in such a wait must still be served: pongs for a pipelined burst, and a message
 /// that ends the quiet spell is acknowledged and pushed.
 fn quiet_spells_of_heartbeats_still_serve_pings_and_messages(io: Io) {
-    let node = TestNode::start(io, &["--shards", "1"]);
+    serve_through_quiet_spells(io, &[]);
+}
+
+fn without_heartbeat_coalescing_quiet_spells_serve_the_same(io: Io) {
+    serve_through_quiet_spells(io, &["--heartbeat-coalescing", "off"]);
+}
+
+fn serve_through_quiet_spells(io: Io, extra: &[&str]) {
+    let mut args = vec!["--shards", "1"];
+    args.extend_from_slice(extra);
+    let node = TestNode::start(io, &args);
     node.add_user("alice", "pw");
     node.add_user("bob", "pw");
     let mut alice = RawConn::connect(node.addr);
@@ -168,4 +178,5 @@ io_tests!(
     connection_that_never_logs_in_is_closed_at_the_handshake_deadline,
     duplicate_device_login_kicks_the_older_connection,
     quiet_spells_of_heartbeats_still_serve_pings_and_messages,
+    without_heartbeat_coalescing_quiet_spells_serve_the_same,
 );

@@ -45,6 +45,9 @@ pub struct ShardContext {
     pub token_key: Arc<TokenKey>,
     /// Shared so that handing it to a connection per received chunk costs no allocation.
     pub session: Arc<SessionConfig>,
+    /// Whether quiet spells of heartbeats may stretch the loop's waits (`serve
+    /// --heartbeat-coalescing`).
+    pub heartbeat_coalescing: bool,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -700,7 +703,8 @@ impl Handler for Shard {
         self.urgent = false;
         // Coalesce only in a quiet spell without message traffic: while messages flow, no
         // wait is stretched.
-        self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS
+        self.ctx.heartbeat_coalescing
+            && self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS
     }
 }
 

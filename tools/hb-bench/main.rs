@@ -29,6 +29,7 @@ struct Args {
     inflight: usize,
     msg_s: u64,
     idle_s: u64,
+    lone: usize,
 }
 
 fn parse_args() -> Args {
@@ -44,6 +45,7 @@ fn parse_args() -> Args {
         inflight: 8,
         msg_s: 10,
         idle_s: 5,
+        lone: 20,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,6 +62,7 @@ fn parse_args() -> Args {
             "--inflight" => args.inflight = value.parse().expect("--inflight"),
             "--msg-s" => args.msg_s = value.parse().expect("--msg-s"),
             "--idle-s" => args.idle_s = value.parse().expect("--idle-s"),
+            "--lone" => args.lone = value.parse().expect("--lone"),
             _ => panic!("unknown flag {flag}"),
         }
     }
@@ -355,6 +358,9 @@ impl Bench {
     }
 }
 
+/// Quiet time before each lone message: longer than the node's quiet spell (100 ms).
+const LONE_GAP_MS: u64 = 400;
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -539,7 +545,46 @@ fn main() {
         let acked = bench.acks - acks_start;
         let mut lat = std::mem::take(&mut bench.latencies_us);
         lat.sort_unstable();
+        // Lone messages: one at a time, each after a quiet spell of heartbeats longer than
+        // the node's (HEARTBEAT_COALESCE_QUIET_MS), so each meets a stretched wait where
+        // the loop coalesces; their send → ack latency is what that costs a chat user.
+        let mut lone = Vec::new();
+        let mut keep_pinging = |bench: &mut Bench, events: &mut Events, until: Instant| {
+            while Instant::now() < until {
+                let elapsed = beat_start.elapsed().as_secs_f64();
+                let due = (elapsed / interval.as_secs_f64() * args.conns as f64) as u64;
+                while pinged < due {
+                    let index = (pinged % args.conns as u64) as usize;
+                    bench.send(index, &ping);
+                    pinged += 1;
+                }
+                bench.turn(events, Duration::from_millis(1));
+            }
+        };
+        let sender = senders[0];
+        for _ in 0..args.lone {
+            let quiet_until = Instant::now() + Duration::from_millis(LONE_GAP_MS);
+            keep_pinging(&mut bench, &mut events, quiet_until);
+            if !bench.clients[sender].sent_at.is_empty() || bench.clients[sender].closed {
+                continue;
+            }
+            bench.latencies_us.clear();
+            bench.send_message(sender);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while bench.latencies_us.is_empty() && Instant::now() < deadline {
+                keep_pinging(
+                    &mut bench,
+                    &mut events,
+                    Instant::now() + Duration::from_millis(1),
+                );
+            }
+            lone.append(&mut bench.latencies_us);
+        }
+        lone.sort_unstable();
         msg_report = serde_json::json!({
+            "lone_messages": lone.len(),
+            "lone_latency_us_p50": percentile(&lone, 0.50),
+            "lone_latency_us_max": lone.last().copied().unwrap_or(0),
             "senders": args.senders,
             "inflight_per_sender": args.inflight,
             "seconds": msg_elapsed,
