@@ -64,11 +64,10 @@ pub const URING_RECV_BUFFER_SIZE: usize = 4096;
 /// slots a vanished peer can hold after the node gave up on it.
 pub const CLOSE_LINGER_MS: u64 = 2_000;
 
-/// In a quiet spell of heartbeats the io_uring loop lets pings gather this long before it
-/// wakes (a minimum wait, Linux 6.12+), so one wake-up answers all of them; a pong can be
-/// this late. On older kernels it bounds a wait that skips the completions of the loop's
-/// own pongs. While messages flow no wait is stretched; the first message after a quiet
-/// spell can wait this long.
+/// With `serve --heartbeat-coalescing on`, in a quiet spell of heartbeats the io_uring loop
+/// lets pings gather this long before it wakes (a minimum wait, Linux 6.12+), so one
+/// wake-up answers all of them; a pong can be this late. While messages flow no wait is
+/// stretched; the first message after a quiet spell can wait this long.
 pub const HEARTBEAT_COALESCE_US: u32 = 2_000;
 /// Coalescing starts only after this long without message traffic on the shard, so a
 /// conversation in progress never meets a stretched wait.

@@ -46,10 +46,11 @@ struct ServeArgs {
     /// Event loop: auto takes io_uring when the kernel allows it, else epoll.
     #[arg(long, value_enum, default_value_t = IoArg::Auto)]
     io: IoArg,
-    /// Let io_uring shards answer the pings of a quiet spell (no messages for 100 ms) in
-    /// one wake-up every 2 ms: less CPU per heartbeat, up to 2 ms more for the first
-    /// message after the spell. `off` answers every ping at once.
-    #[arg(long, value_enum, default_value_t = Switch::On)]
+    /// Let io_uring shards (Linux 6.12+) answer the pings of a quiet spell (no messages
+    /// for 100 ms) together, one wake-up per 2 ms; the first message after the spell can
+    /// wait those 2 ms. Off by default: at ~1000 pings/s per shard it saved few wake-ups
+    /// and cost more CPU than it saved (docs/architecture.md, "Measured cost").
+    #[arg(long, value_enum, default_value_t = Switch::Off)]
     heartbeat_coalescing: Switch,
 }
 

@@ -331,7 +331,7 @@ impl NodeFixture {
             shards: 1,
             durability,
             heartbeat_interval_ms: tern::limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
-            heartbeat_coalescing: true,
+            heartbeat_coalescing: false,
             io: IoKind::Epoll,
             map_size: Some(BENCH_MAP_SIZE),
         };

@@ -21,7 +21,7 @@ pub const URING_DISABLE_ENV: &str = "TERN_IO_URING_DISABLE";
 
 /// What the log line says of a kernel without IORING_FEAT_MIN_TIMEOUT.
 pub const NO_MIN_TIMEOUT: &str =
-    "no minimum wait before Linux 6.12: heartbeat wake-ups coalesce less";
+    "no minimum wait before Linux 6.12: --heartbeat-coalescing has no effect";
 
 /// The loop chosen and the one log line that says which and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -366,8 +366,6 @@ pub struct UringBackend {
     accept_armed: bool,
     accept_retry_at: Option<Instant>,
     wake_armed: bool,
-    /// Sends queued since the last enter. Small sends complete inside that enter.
-    sends_queued: usize,
     /// The kernel has IORING_FEAT_MIN_TIMEOUT (Linux 6.12): a wait can sleep through a
     /// window of arrivals and wake once for all of them.
     min_timeout: bool,
@@ -413,7 +411,6 @@ impl UringBackend {
             accept_armed: false,
             accept_retry_at: None,
             wake_armed: false,
-            sends_queued: 0,
             min_timeout,
             now: Instant::now(),
             stats: BackendStats::default(),
@@ -429,10 +426,10 @@ impl UringBackend {
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
-            match self.ring.submit() {
-                Ok(_) => self.sends_queued = 0,
-                Err(e) if retryable(&e) => {}
-                Err(e) => return Err(e),
+            if let Err(e) = self.ring.submit()
+                && !retryable(&e)
+            {
+                return Err(e);
             }
         }
     }
@@ -477,9 +474,7 @@ impl UringBackend {
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(user_data(Op::Send, conn));
-        self.push(&entry)?;
-        self.sends_queued += 1;
-        Ok(())
+        self.push(&entry)
     }
 
     fn cancel(&mut self, target: u64) -> io::Result<()> {
@@ -605,16 +600,17 @@ impl UringBackend {
 
     /// One enter: submits everything queued and waits for a completion or `timeout`.
     ///
-    /// With `coalesce` (a quiet spell of heartbeats, see `Handler::heartbeats_only`) the
-    /// wait is stretched so that one wake-up serves many pings: on Linux 6.12+ the kernel
-    /// sleeps for `HEARTBEAT_COALESCE_US` unless `COALESCE_BATCH` completions arrive
-    /// first, then returns with whatever came (or, if nothing did, at the first arrival).
-    /// The caller has reaped the completions of its own sends before, so only new input
-    /// ends the window. Older kernels only skip the wake-up for those send completions.
+    /// With `coalesce` (a quiet spell of heartbeats, see `Handler::heartbeats_only`, on a
+    /// kernel with IORING_FEAT_MIN_TIMEOUT) the wait is stretched so that one wake-up
+    /// serves many pings: the kernel sleeps for `HEARTBEAT_COALESCE_US` unless
+    /// `COALESCE_BATCH` completions arrive first, then returns with whatever came (or, if
+    /// nothing did, at the first arrival). The caller has reaped the completions of its own
+    /// sends before, so only new input ends the window.
     fn submit_and_wait(&mut self, timeout: Option<Duration>, coalesce: bool) -> io::Result<()> {
-        let window = Duration::from_micros(u64::from(HEARTBEAT_COALESCE_US));
         let submitter = self.ring.submitter();
-        let result = if coalesce && self.min_timeout {
+        let result = if coalesce {
+            debug_assert!(self.min_timeout);
+            let window = Duration::from_micros(u64::from(HEARTBEAT_COALESCE_US));
             // Without a general timeout past the window the kernel would end the wait at
             // the window's end even with nothing to return. A timer due within the window
             // shortens it: the kernel then returns at the timer with whatever came.
@@ -624,23 +620,14 @@ impl UringBackend {
             let args = SubmitArgs::new().min_wait_usec(min_wait).timespec(&ts);
             submitter.submit_with_args(COALESCE_BATCH, &args)
         } else {
-            let (want, timeout) = if coalesce && self.sends_queued > 0 {
-                (
-                    1 + self.sends_queued,
-                    Some(timeout.map_or(window, |t| t.min(window))),
-                )
-            } else {
-                (1, timeout)
-            };
             match timeout {
                 Some(timeout) => {
                     let ts = Timespec::from(timeout);
-                    submitter.submit_with_args(want, &SubmitArgs::new().timespec(&ts))
+                    submitter.submit_with_args(1, &SubmitArgs::new().timespec(&ts))
                 }
-                None => submitter.submit_and_wait(want),
+                None => submitter.submit_and_wait(1),
             }
         };
-        self.sends_queued = 0;
         match result {
             Ok(_) => Ok(()),
             Err(e) if retryable(&e) || e.raw_os_error() == Some(libc::ETIME) => Ok(()),
@@ -652,12 +639,11 @@ impl UringBackend {
     /// their completions can be reaped before a stretched wait. True if completions are
     /// ready.
     fn submit_now(&mut self) -> io::Result<bool> {
-        if !self.ring.submission().is_empty() {
-            match self.ring.submit() {
-                Ok(_) => self.sends_queued = 0,
-                Err(e) if retryable(&e) => {}
-                Err(e) => return Err(e),
-            }
+        if !self.ring.submission().is_empty()
+            && let Err(e) = self.ring.submit()
+            && !retryable(&e)
+        {
+            return Err(e);
         }
         Ok(!self.ring.completion().is_empty())
     }
@@ -1020,8 +1006,10 @@ impl Backend for UringBackend {
             } else {
                 self.wait_timeout(timeout)
             };
-            let coalesce = !stopping && handler.heartbeats_only();
-            if coalesce && self.min_timeout && self.submit_now()? {
+            // Asked every turn: the shard tracks its quiet spell through these calls.
+            let quiet = handler.heartbeats_only();
+            let coalesce = quiet && self.min_timeout && !stopping;
+            if coalesce && self.submit_now()? {
                 // Completions first (mostly the pongs just sent): a stretched wait must
                 // end for new input only.
                 self.now = Instant::now();
