@@ -20,10 +20,11 @@ const WAKER: Token = Token(usize::MAX - 2);
 
 /// Shard-wide read buffer.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
-/// Capacity an empty output buffer keeps: enough for a pong, the one frame a quiet
-/// connection keeps getting. Larger buffers (login answers, sync pages, pushes) are freed
-/// once written; at 1 KiB an idle connection kept ~80 B more (tools/hb-bench, 15k idle).
-const OUTPUT_BUFFER_KEEP_MAX: usize = 64;
+/// Capacity an empty output buffer keeps: none, so an idle connection holds no output
+/// buffer at all (as on io_uring); a pong costs one small allocation instead. Keeping
+/// 1 KiB cost an idle connection ~80 B more, keeping 64 B about 64 B more (tools/hb-bench,
+/// 15k idle).
+const OUTPUT_BUFFER_KEEP_MAX: usize = 0;
 /// Bytes read from one connection per turn before others get their turn.
 const READ_TURN_BYTES_MAX: usize = 4 * READ_BUFFER_SIZE;
 /// Readiness events taken per wait.

@@ -604,6 +604,7 @@ fn main() {
         "rss_idle_kib": rss_idle_kib,
         "rss_end_kib": rss_end_kib,
         "rss_bytes_per_conn": ((rss_idle_kib.saturating_sub(rss_before_kib)) * 1024) as f64 / args.conns as f64,
+        "rss_bytes_per_conn_after_beats": ((rss_end_kib.saturating_sub(rss_before_kib)) * 1024) as f64 / args.conns as f64,
         "rss_anon_bytes_per_conn": ((anon_idle_kib.saturating_sub(anon_before_kib)) * 1024) as f64 / args.conns as f64,
         "heartbeat_s": args.beat_s,
         "idle_s": idle_s,
