@@ -358,6 +358,29 @@ impl Bench {
     }
 }
 
+/// Connection i pings at i/N of each interval, from `start` on.
+struct PingSchedule {
+    start: Instant,
+    interval: Duration,
+    conns: usize,
+    /// Pings sent so far, over all connections.
+    sent: u64,
+    frame: Vec<u8>,
+}
+
+impl PingSchedule {
+    /// Sends every ping due by now.
+    fn send_due(&mut self, bench: &mut Bench) {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let due = (elapsed / self.interval.as_secs_f64() * self.conns as f64) as u64;
+        while self.sent < due {
+            let index = (self.sent % self.conns as u64) as usize;
+            bench.send(index, &self.frame);
+            self.sent += 1;
+        }
+    }
+}
+
 /// Quiet time before each lone message: longer than the node's quiet spell (100 ms).
 const LONE_GAP_MS: u64 = 400;
 
@@ -454,21 +477,20 @@ fn main() {
     let sched_start = sched_ns(args.pid);
     let switches_start = context_switches(args.pid);
     let pongs_start = bench.pongs;
-    let mut pinged = 0u64;
-    let ping = frame(Kind::Ping, 3, &Ping { nonce: 1 });
+    let mut pings = PingSchedule {
+        start: beat_start,
+        interval,
+        conns: args.conns,
+        sent: 0,
+        frame: frame(Kind::Ping, 3, &Ping { nonce: 1 }),
+    };
     while Instant::now() < beat_end {
-        let elapsed = beat_start.elapsed().as_secs_f64();
-        let due = (elapsed / interval.as_secs_f64() * args.conns as f64) as u64;
-        while pinged < due {
-            let index = (pinged % args.conns as u64) as usize;
-            bench.send(index, &ping);
-            pinged += 1;
-        }
+        pings.send_due(&mut bench);
         bench.turn(&mut events, Duration::from_millis(2));
     }
     // Collect the last pongs.
     let drain = Instant::now();
-    while bench.pongs - pongs_start < pinged && drain.elapsed() < Duration::from_secs(5) {
+    while bench.pongs - pongs_start < pings.sent && drain.elapsed() < Duration::from_secs(5) {
         bench.turn(&mut events, Duration::from_millis(10));
     }
     let (ticks_end, rss_end_kib) = proc_sample(args.pid);
@@ -477,7 +499,7 @@ fn main() {
     let switches = context_switches(args.pid) - switches_start;
     let beat_elapsed_s = beat_start.elapsed().as_secs_f64();
     let pongs = bench.pongs - pongs_start;
-    let beat_pings = pinged;
+    let beat_pings = pings.sent;
     let cpu_us = (ticks_end - ticks_start) * 1_000_000 / ticks_per_s();
 
     // Messages: closed loop, `inflight` per sender, to one recipient device.
@@ -525,13 +547,7 @@ fn main() {
         let (msg_ticks_start, _) = proc_sample(args.pid);
         let msg_sched_start = sched_ns(args.pid);
         while msg_start.elapsed() < Duration::from_secs(args.msg_s) {
-            let elapsed = beat_start.elapsed().as_secs_f64();
-            let due = (elapsed / interval.as_secs_f64() * args.conns as f64) as u64;
-            while pinged < due {
-                let index = (pinged % args.conns as u64) as usize;
-                bench.send(index, &ping);
-                pinged += 1;
-            }
+            pings.send_due(&mut bench);
             bench.turn(&mut events, Duration::from_millis(1));
             for &s in &senders {
                 while bench.clients[s].sent_at.len() < args.inflight && !bench.clients[s].closed {
@@ -551,13 +567,7 @@ fn main() {
         let mut lone = Vec::new();
         let mut keep_pinging = |bench: &mut Bench, events: &mut Events, until: Instant| {
             while Instant::now() < until {
-                let elapsed = beat_start.elapsed().as_secs_f64();
-                let due = (elapsed / interval.as_secs_f64() * args.conns as f64) as u64;
-                while pinged < due {
-                    let index = (pinged % args.conns as u64) as usize;
-                    bench.send(index, &ping);
-                    pinged += 1;
-                }
+                pings.send_due(bench);
                 bench.turn(events, Duration::from_millis(1));
             }
         };
