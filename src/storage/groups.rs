@@ -113,6 +113,25 @@ fn groups_of_count(txn: &RoTxn, dbs: &Dbs, user: UserId) -> Result<usize, StoreE
     Ok(count)
 }
 
+/// Whether every one of `users` can join one more group (`USER_GROUPS_MAX`).
+fn have_group_room(txn: &RoTxn, dbs: &Dbs, users: &[UserId]) -> Result<bool, StoreError> {
+    for &user in users {
+        if groups_of_count(txn, dbs, user)? >= USER_GROUPS_MAX {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn refuse_user_groups_full(results: &mut Vec<OpResult>, origin: Origin) {
+    refuse(
+        results,
+        origin,
+        ErrorCode::GroupFull,
+        "a user is in 256 groups already",
+    );
+}
+
 fn group_info(
     txn: &RoTxn,
     dbs: &Dbs,
@@ -211,16 +230,9 @@ pub(super) fn apply_group_op(
                 );
                 return Ok(());
             }
-            for user in &add {
-                if groups_of_count(txn, dbs, *user)? >= USER_GROUPS_MAX {
-                    refuse(
-                        results,
-                        origin,
-                        ErrorCode::GroupFull,
-                        "a user is in 256 groups already",
-                    );
-                    return Ok(());
-                }
+            if !have_group_room(txn, dbs, &add)? {
+                refuse_user_groups_full(results, origin);
+                return Ok(());
             }
             if add.is_empty() {
                 // Everyone named is a member already: nothing to record.
@@ -386,16 +398,9 @@ fn create_group(
         );
         return Ok(());
     }
-    for user in &all {
-        if groups_of_count(txn, dbs, *user)? >= USER_GROUPS_MAX {
-            refuse(
-                results,
-                origin,
-                ErrorCode::GroupFull,
-                "a user is in 256 groups already",
-            );
-            return Ok(());
-        }
+    if !have_group_room(txn, dbs, &all)? {
+        refuse_user_groups_full(results, origin);
+        return Ok(());
     }
     let group_id = schema::counter_next(txn, dbs, META_NEXT_GROUP_ID)?;
     schema::counter_set(txn, dbs, META_NEXT_GROUP_ID, group_id + 1)?;
