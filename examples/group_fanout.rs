@@ -54,6 +54,7 @@ fn run(durability: Durability, messages: u32, members: usize) {
         &StoreConfig {
             map_size: 1 << 30,
             durability,
+            ..StoreConfig::default()
         },
     )
     .expect("open store");

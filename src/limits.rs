@@ -91,6 +91,24 @@ pub const WRITER_QUEUE_MAX: usize = 16 * 1024;
 /// Most operations applied in one write transaction (one fsync).
 pub const WRITER_BATCH_MAX: usize = 1024;
 
+/// How long a logged entry may wait before the writer applies the journal to the derived
+/// tables (timelines, conversation indexes, dedup, device cursors). Longer waits rewrite
+/// each user's pages for more entries at once (fewer disk bytes per message) and hold the
+/// writer longer when the apply comes; delivery receipts go out when the acks behind them
+/// are applied, so this is also their delay. A read of derived state for a user with
+/// unapplied entries asks for an apply first and never waits this long.
+pub const JOURNAL_APPLY_INTERVAL_MS: u64 = 1_000;
+/// Placements (entry × timeline) logged but not applied past which the writer applies at
+/// the end of the batch, whatever their age. Bounds the writer's memory of unapplied
+/// entries (a head per user, a dedup entry per send: ≲ 64 B per placement, 2 MiB) and the
+/// length of one apply.
+pub const JOURNAL_PLACEMENTS_PENDING_MAX: usize = 32 * 1024;
+/// Placements of one logged entry: a group message goes to every member.
+pub const JOURNAL_PLACEMENTS_MAX: usize = GROUP_MEMBERS_MAX;
+/// Bits of the map of users with unapplied entries, shared by the writer and the shards
+/// (8 KiB). Users hash onto it; a collision only costs a read an unneeded apply.
+pub const PENDING_USERS_BITS: usize = 64 * 1024;
+
 /// Per-shard mailbox (writer → shard): completions and pushes. The writer waits for room,
 /// so a full mailbox slows commits rather than dropping an acknowledgement.
 pub const SHARD_MAILBOX_MAX: usize = 64 * 1024;
@@ -164,6 +182,8 @@ const _: () = assert!(URING_RECV_BUFFERS.is_power_of_two() && URING_RECV_BUFFERS
 const _: () = assert!(SHARDS_MAX <= u16::MAX as usize);
 const _: () =
     assert!(GROUP_MEMBERS_MAX * (8 + 8 + USER_NAME_SIZE_MAX + 1 + 8) < SYNC_PAGE_BYTES_MAX);
+const _: () = assert!(JOURNAL_PLACEMENTS_MAX <= u16::MAX as usize);
+const _: () = assert!(PENDING_USERS_BITS.is_multiple_of(64));
 const _: () =
     assert!(USER_GROUPS_MAX * (8 + 8 + GROUP_NAME_SIZE_MAX + 8 + 4 + 8) < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use tern::io::probe::{IoRequest, probe_uring, select};
-use tern::limits::HEARTBEAT_INTERVAL_MS_DEFAULT;
+use tern::limits::{HEARTBEAT_INTERVAL_MS_DEFAULT, JOURNAL_APPLY_INTERVAL_MS};
 use tern::node::{Node, NodeConfig, prepare_fd_table};
 use tern::storage::{Durability, Store, StoreConfig, StoreError};
 
@@ -52,6 +52,12 @@ struct ServeArgs {
     /// and cost more CPU than it saved (docs/architecture.md, "Measured cost").
     #[arg(long, value_enum, default_value_t = Switch::Off)]
     heartbeat_coalescing: Switch,
+    /// Most ms a stored message waits before the per-user timelines, conversation indexes
+    /// and unread counts are brought up to date from the store's journal (reads never wait
+    /// for it). Longer writes fewer disk bytes per message; 0 updates them with every
+    /// commit.
+    #[arg(long, default_value_t = JOURNAL_APPLY_INTERVAL_MS)]
+    journal_interval_ms: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -288,6 +294,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         map_size_mib,
         io,
         heartbeat_coalescing,
+        journal_interval_ms,
     } = args;
     if heartbeat_ms < 10 {
         return Err("--heartbeat-ms must be at least 10".into());
@@ -317,6 +324,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         heartbeat_coalescing: heartbeat_coalescing == Switch::On,
         io: io.kind,
         map_size: map_size_mib.map(|mib| mib << 20),
+        journal_interval_ms,
     };
     let node = Node::start(&config).map_err(|e| e.to_string())?;
     println!(

@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub heartbeat_coalescing: bool,
     pub io: IoKind,
     pub map_size: Option<usize>,
+    /// See `StoreConfig::journal_interval_ms`.
+    pub journal_interval_ms: u64,
 }
 
 #[derive(Debug)]
@@ -102,6 +104,7 @@ impl Node {
         let lock = lock_data_dir(&config.data_dir)?;
         let mut store_config = StoreConfig {
             durability: config.durability,
+            journal_interval_ms: config.journal_interval_ms,
             ..StoreConfig::default()
         };
         if let Some(map_size) = config.map_size {

@@ -106,6 +106,7 @@ impl StoreFixture {
         let config = StoreConfig {
             map_size: BENCH_MAP_SIZE,
             durability,
+            ..StoreConfig::default()
         };
         let store = Store::open(dir.path(), &config).expect("open bench store");
         let alice = store.add_user("alice", BENCH_PASSWORD_HASH).expect("alice");
@@ -334,6 +335,7 @@ impl NodeFixture {
             heartbeat_coalescing: false,
             io: IoKind::Epoll,
             map_size: Some(BENCH_MAP_SIZE),
+            journal_interval_ms: tern::limits::JOURNAL_APPLY_INTERVAL_MS,
         };
         let node = Node::start(&config).expect("start node");
         let addr = node.local_addr();

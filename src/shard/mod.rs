@@ -60,6 +60,8 @@ pub struct ShardStats {
     pub timeouts: u64,
     pub kicks: u64,
     pub backlog_overflows: u64,
+    /// Reads that waited for the writer to apply the journal first.
+    pub reads_parked: u64,
 }
 
 struct Slot {
@@ -93,6 +95,10 @@ pub struct Shard {
     /// Presence changes and typing indicators for other shards whose mailboxes were full;
     /// retried next turn.
     ephemeral_pending: Vec<(ShardId, ShardMsg)>,
+    /// Reads of derived state waiting for the writer to apply the journal
+    /// (`WriteOp::Flush`), by (connection, request id). Each counts against its
+    /// connection's in-flight bound.
+    parked: HashMap<(ConnId, u32), Request>,
     /// Uploads in progress per connection (at most `UPLOADS_PER_CONNECTION_MAX` each).
     uploads: HashMap<ConnId, Vec<files::Upload>>,
     next_upload_id: u64,
@@ -119,6 +125,7 @@ impl Shard {
             now_ms: 0,
             presence_conns: HashMap::new(),
             ephemeral_pending: Vec::new(),
+            parked: HashMap::new(),
             uploads: HashMap::new(),
             next_upload_id: 0,
             stats: ShardStats::default(),
@@ -199,6 +206,67 @@ impl Shard {
     }
 
     fn handle_request(&mut self, conn_id: ConnId, request: Request, now_ms: u64) {
+        if self.park_until_applied(conn_id, &request) {
+            self.parked
+                .insert((conn_id, request_id_of(&request)), request);
+            return;
+        }
+        self.dispatch(conn_id, request, now_ms);
+    }
+
+    /// A read of the user's timeline, history or conversation list while the writer has
+    /// entries of that user that the derived tables do not show yet: asks the writer to
+    /// apply them (`WriteOp::Flush`) and returns true; the request runs when the answer
+    /// comes (`run_parked`). A full queue answers `busy` (and returns true): a read from
+    /// a view that lacks acknowledged entries would tell a device it is up to date.
+    fn park_until_applied(&mut self, conn_id: ConnId, request: &Request) -> bool {
+        if !matches!(
+            request,
+            Request::Sync { .. } | Request::History { .. } | Request::Conversations { .. }
+        ) {
+            return false;
+        }
+        let Some(user) = self
+            .conn_mut(conn_id)
+            .and_then(|c| c.identity().map(|i| i.user))
+        else {
+            return false;
+        };
+        if !self.ctx.store.derived_pending(user) {
+            return false;
+        }
+        let request_id = request_id_of(request);
+        let origin = Origin {
+            shard: self.id,
+            conn: conn_id,
+            request_id,
+        };
+        // Parked only if the flush was queued; `submit` answers the refusal itself.
+        let inflight_before = self.conn_mut(conn_id).map_or(0, |c| c.inflight);
+        self.submit(conn_id, request_id, WriteOp::Flush { origin });
+        let queued = self
+            .conn_mut(conn_id)
+            .is_some_and(|c| c.inflight > inflight_before);
+        if !queued {
+            return true;
+        }
+        self.stats.reads_parked += 1;
+        true
+    }
+
+    /// The writer applied the journal for a parked read: carry it out now. The user may have
+    /// new unapplied entries by now; those were committed after the flush and reach the
+    /// device by push, so the read does not wait again.
+    fn run_parked(&mut self, origin: Origin, now_ms: u64) {
+        if let Some(conn) = self.conn_mut(origin.conn) {
+            conn.inflight = conn.inflight.saturating_sub(1);
+        }
+        if let Some(request) = self.parked.remove(&(origin.conn, origin.request_id)) {
+            self.dispatch(origin.conn, request, now_ms);
+        }
+    }
+
+    fn dispatch(&mut self, conn_id: ConnId, request: Request, now_ms: u64) {
         match request {
             Request::Login {
                 request_id,
@@ -461,6 +529,10 @@ impl Shard {
                         self.answer_reply(origin.conn, origin.request_id, reply);
                         return;
                     }
+                    OpResult::Flushed { origin } => {
+                        self.run_parked(origin, self.now_ms);
+                        return;
+                    }
                     OpResult::Refused {
                         origin,
                         code,
@@ -705,6 +777,17 @@ impl Handler for Shard {
         // wait is stretched.
         self.ctx.heartbeat_coalescing
             && self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS
+    }
+}
+
+/// The request id of a request that has one (every request but `DeviceAck`, which is
+/// never parked).
+fn request_id_of(request: &Request) -> u32 {
+    match request {
+        Request::Sync { request_id, .. }
+        | Request::History { request_id, .. }
+        | Request::Conversations { request_id, .. } => *request_id,
+        _ => unreachable!("only reads of derived state are parked"),
     }
 }
 

@@ -11,7 +11,7 @@ use heed::{PutFlags, RwTxn};
 use super::conversations::{self, NoteKind};
 use super::files::{self, FileCommitFields, FileSendFields};
 use super::groups::{self, GroupOpFields, GroupSendFields};
-use super::receipts;
+use super::journal::{Journal, LoggedEntry};
 use super::schema::{self, Dbs, DedupEntry, DeviceKey, META_NEXT_MSG_ID};
 use super::writer::{Delivery, OpResult, Origin, WriteOp};
 use super::{Store, StoreError};
@@ -31,7 +31,8 @@ pub(super) fn check(op: &WriteOp) -> Result<(), StoreError> {
         | WriteOp::GroupSend { .. }
         | WriteOp::Read { .. }
         | WriteOp::FileCommit { .. }
-        | WriteOp::FileSend(_) => Ok(()),
+        | WriteOp::FileSend(_)
+        | WriteOp::Flush { .. } => Ok(()),
         WriteOp::DeviceAck { user, device, .. } => match DeviceKey::new(*user, device) {
             Some(_) => Ok(()),
             None => Err(StoreError::InvalidArgument("device name")),
@@ -39,22 +40,44 @@ pub(super) fn check(op: &WriteOp) -> Result<(), StoreError> {
     }
 }
 
+/// Whether a batch's transaction applies the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ApplyJournal {
+    /// Only where an op needs the derived tables current (`Read`, `Flush`).
+    WhenNeeded,
+    /// Also at the end of the batch (the journal is due: old or large enough).
+    AtEnd,
+}
+
 /// Applies `ops` in one write transaction and commits it. On success `results` and
-/// `deliveries` hold what the ops produced; on error nothing was committed and what was
-/// pushed to them must be discarded.
+/// `deliveries` hold what the ops produced, and the return says whether the transaction
+/// left the journal fully applied (then the caller calls `Journal::applied`). On error
+/// nothing was committed: what was pushed to `results` and `deliveries` must be discarded
+/// and the journal's memory reloaded (`Journal::reload`).
 pub(super) fn in_one_txn(
     store: &Store,
+    journal: &mut Journal,
+    when: ApplyJournal,
     ops: &mut [WriteOp],
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let dbs = store.dbs();
     let mut txn = store
         .env()
         .write_txn()
         .map_err(StoreError::lmdb("begin write txn"))?;
+    // Once the journal was applied in this transaction, it is applied again at the end, so
+    // the transaction leaves nothing half-applied in the memory of the journal.
+    let mut applied = false;
     for op in ops.iter_mut() {
+        let needs_current = matches!(op, WriteOp::Read { .. } | WriteOp::Flush { .. });
+        if needs_current && journal.logged_since_apply() {
+            journal.apply(&mut txn, store, wall_clock_ms(), deliveries)?;
+            applied = true;
+        }
         match op {
+            WriteOp::Flush { origin } => results.push(OpResult::Flushed { origin: *origin }),
             WriteOp::Send {
                 origin,
                 from,
@@ -75,16 +98,13 @@ pub(super) fn in_one_txn(
                     text,
                     sent_at_ms: *sent_at_ms,
                 };
-                apply_send(&mut txn, dbs, send, results, deliveries)?;
+                apply_send(&mut txn, dbs, journal, send, results, deliveries)?;
             }
             WriteOp::DeviceAck {
                 user,
                 device,
                 up_to_seq,
-            } => {
-                let acked = apply_device_ack(&mut txn, dbs, *user, device, *up_to_seq)?;
-                receipts::on_device_ack(&mut txn, dbs, *user, acked, wall_clock_ms(), deliveries)?;
-            }
+            } => journal.device_ack(*user, device, *up_to_seq),
             WriteOp::GroupOp {
                 origin,
                 actor,
@@ -105,7 +125,7 @@ pub(super) fn in_one_txn(
                     users,
                     at_ms: *at_ms,
                 };
-                groups::apply_group_op(&mut txn, dbs, fields, results, deliveries)?;
+                groups::apply_group_op(&mut txn, dbs, journal, fields, results, deliveries)?;
             }
             WriteOp::GroupSend {
                 origin,
@@ -125,7 +145,7 @@ pub(super) fn in_one_txn(
                     text,
                     sent_at_ms: *sent_at_ms,
                 };
-                groups::apply_group_send(&mut txn, dbs, fields, results, deliveries)?;
+                groups::apply_group_send(&mut txn, dbs, journal, fields, results, deliveries)?;
             }
             WriteOp::Read {
                 origin,
@@ -136,8 +156,8 @@ pub(super) fn in_one_txn(
                 at_ms,
             } => {
                 conversations::apply_read(
-                    &mut txn, dbs, *origin, *user, user_name, *conv, *up_to_seq, *at_ms, results,
-                    deliveries,
+                    &mut txn, dbs, journal, *origin, *user, user_name, *conv, *up_to_seq, *at_ms,
+                    results, deliveries,
                 )?;
             }
             WriteOp::FileCommit {
@@ -178,12 +198,17 @@ pub(super) fn in_one_txn(
                     text: &op.text,
                     sent_at_ms: op.sent_at_ms,
                 };
-                files::apply_file_send(&mut txn, dbs, fields, results, deliveries)?;
+                files::apply_file_send(&mut txn, dbs, journal, fields, results, deliveries)?;
             }
         }
     }
+    let at_end = applied || (when == ApplyJournal::AtEnd && !journal.is_empty());
+    if at_end && journal.logged_since_apply() {
+        journal.apply(&mut txn, store, wall_clock_ms(), deliveries)?;
+    }
     // Dropping `txn` on an error above aborts it.
-    txn.commit().map_err(StoreError::lmdb("commit write txn"))
+    txn.commit().map_err(StoreError::lmdb("commit write txn"))?;
+    Ok(at_end)
 }
 
 /// The fields of a `WriteOp::Send`, with the strings borrowed mutably: they are moved into
@@ -203,68 +228,51 @@ struct SendFields<'a> {
 fn apply_send(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     mut send: SendFields<'_>,
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
-    let dedup_key = schema::dedup_key(send.from, send.client_msg_id);
-    if ack_resend(txn, dbs, &dedup_key, send.origin, results)? {
+    if ack_resend(
+        txn,
+        dbs,
+        journal,
+        send.from,
+        send.client_msg_id,
+        send.origin,
+        results,
+    )? {
         return Ok(());
     }
 
-    let msg_id = schema::counter_next(txn, dbs, META_NEXT_MSG_ID)?;
+    let msg_id = next_msg_id(txn, dbs)?;
     let message: Arc<[u8]> = archive_message(msg_id, &mut send)?.into();
-    put_new(
-        dbs.messages,
-        txn,
-        PutFlags::APPEND,
-        &schema::msg_key(msg_id),
-        &message,
-        "write message",
-        "message id reused",
-    )?;
-    schema::counter_set(txn, dbs, META_NEXT_MSG_ID, msg_id + 1)?;
+    put_message(txn, dbs, msg_id, &message)?;
 
-    let to_seq = append_to_timeline(txn, dbs, send.to, msg_id)?;
-    conversations::note(
+    let mut entry = LoggedEntry::new(msg_id, send.from, send.sent_at_ms);
+    // Each side of a 1:1 conversation names it by the other user.
+    let to_seq = journal.place(
         txn,
         dbs,
+        &mut entry,
         send.to,
-        send.from.0,
-        to_seq,
-        msg_id,
-        send.from,
-        send.sent_at_ms,
-        NoteKind::Message,
+        Some((send.from.0, NoteKind::Message)),
     )?;
     let from_seq = if send.from == send.to {
         // A note to oneself is one entry, seen once by each of the user's devices.
         to_seq
     } else {
-        let seq = append_to_timeline(txn, dbs, send.from, msg_id)?;
-        conversations::note(
+        journal.place(
             txn,
             dbs,
+            &mut entry,
             send.from,
-            send.to.0,
-            seq,
-            msg_id,
-            send.from,
-            send.sent_at_ms,
-            NoteKind::Message,
-        )?;
-        seq
+            Some((send.to.0, NoteKind::Message)),
+        )?
     };
-    ack_first_send(
-        txn,
-        dbs,
-        &dedup_key,
-        send.origin,
-        msg_id,
-        from_seq,
-        send.sent_at_ms,
-        results,
-    )?;
+    entry.set_dedup(send.client_msg_id, from_seq);
+    journal.log(txn, dbs, entry)?;
+    ack_first_send(send.origin, msg_id, from_seq, send.sent_at_ms, results);
     if send.from != send.to {
         deliveries.push(Delivery {
             user: send.to,
@@ -348,59 +356,8 @@ pub(super) fn archive_record(record: &Record) -> Result<Vec<u8>, StoreError> {
         .map_err(|_| StoreError::InvalidArgument("record too large to archive"))
 }
 
-/// Appends `msg_id` to `user`'s timeline at head + 1 and moves the head. Returns the seq.
-pub(super) fn append_to_timeline(
-    txn: &mut RwTxn,
-    dbs: &Dbs,
-    user: UserId,
-    msg_id: u64,
-) -> Result<u64, StoreError> {
-    let head = schema::head(txn, dbs, user)?;
-    #[cfg(debug_assertions)]
-    {
-        // Invariant: a timeline holds exactly seqs 1..=head. Checked on the last entry.
-        let last = last_timeline_seq(txn, dbs, user)?;
-        assert_eq!(
-            last, head,
-            "timeline of {user:?} is out of step with its head"
-        );
-    }
-    let seq = head
-        .checked_add(1)
-        .ok_or(StoreError::Corrupt("timeline seq exhausted"))?;
-    put_new(
-        dbs.timelines,
-        txn,
-        PutFlags::NO_OVERWRITE,
-        &schema::timeline_key(user, seq),
-        &schema::msg_key(msg_id),
-        "write timeline",
-        "timeline entry past head",
-    )?;
-    dbs.heads
-        .put(txn, &schema::user_key(user), &seq.to_be_bytes())
-        .map_err(StoreError::lmdb("write head"))?;
-    Ok(seq)
-}
-
-/// Seq of the last entry in `user`'s timeline, 0 if it has none.
-#[cfg(debug_assertions)]
-fn last_timeline_seq(txn: &RwTxn, dbs: &Dbs, user: UserId) -> Result<u64, StoreError> {
-    let mut entries = dbs
-        .timelines
-        .rev_prefix_iter(txn, &schema::user_key(user))
-        .map_err(StoreError::lmdb("open timeline prefix"))?;
-    match entries.next() {
-        None => Ok(0),
-        Some(entry) => {
-            let (key, _) = entry.map_err(StoreError::lmdb("read timeline"))?;
-            Ok(schema::decode_pair(key, "timeline key length")?.1)
-        }
-    }
-}
-
 /// Moves a device's cursor; returns the cursor now.
-fn apply_device_ack(
+pub(super) fn apply_device_ack(
     txn: &mut RwTxn,
     dbs: &Dbs,
     user: UserId,
@@ -437,23 +394,30 @@ fn wall_clock_ms() -> u64 {
 }
 
 /// Answers a resend: when (sender, client message id) was stored before, in this batch or an
-/// earlier one (the transaction sees its own writes), acks with the first send's ids and
-/// returns true.
+/// earlier one (logged and not yet applied, or in `dedup`), acks with the first send's ids
+/// and returns true.
 pub(super) fn ack_resend(
     txn: &RwTxn,
     dbs: &Dbs,
-    dedup_key: &[u8],
+    journal: &Journal,
+    from: UserId,
+    client_msg_id: u64,
     origin: Origin,
     results: &mut Vec<OpResult>,
 ) -> Result<bool, StoreError> {
-    let stored = dbs
-        .dedup
-        .get(txn, dedup_key)
-        .map_err(StoreError::lmdb("read dedup"))?;
-    let Some(value) = stored else {
-        return Ok(false);
+    let first = match journal.dedup(from, client_msg_id) {
+        Some(first) => first,
+        None => {
+            let stored = dbs
+                .dedup
+                .get(txn, &schema::dedup_key(from, client_msg_id))
+                .map_err(StoreError::lmdb("read dedup"))?;
+            let Some(value) = stored else {
+                return Ok(false);
+            };
+            DedupEntry::decode(value)?
+        }
     };
-    let first = DedupEntry::decode(value)?;
     results.push(OpResult::SendAcked {
         origin,
         ack: SendAck {
@@ -480,33 +444,15 @@ pub(super) fn refuse(
     });
 }
 
-/// Records the dedup entry of a first send and acknowledges it: a resend of the same
-/// (sender, client message id) finds the entry and gets this same ack back.
-#[allow(clippy::too_many_arguments)]
+/// Acknowledges a first send. Its dedup entry travels in its journal entry
+/// (`LoggedEntry::set_dedup`), so a resend finds it and gets this same ack back.
 pub(super) fn ack_first_send(
-    txn: &mut RwTxn,
-    dbs: &Dbs,
-    dedup_key: &[u8],
     origin: Origin,
     msg_id: u64,
     sender_seq: u64,
     sent_at_ms: u64,
     results: &mut Vec<OpResult>,
-) -> Result<(), StoreError> {
-    let first = DedupEntry {
-        msg_id,
-        sender_seq,
-        sent_at_ms,
-    };
-    put_new(
-        dbs.dedup,
-        txn,
-        PutFlags::NO_OVERWRITE,
-        dedup_key,
-        &first.encode(),
-        "write dedup",
-        "dedup entry exists",
-    )?;
+) {
     results.push(OpResult::SendAcked {
         origin,
         ack: SendAck {
@@ -516,7 +462,6 @@ pub(super) fn ack_first_send(
             duplicate: false,
         },
     });
-    Ok(())
 }
 
 /// Puts a key that must not exist yet; finding it is a broken invariant of the stored data,

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use heed::{RoTxn, RwTxn};
 
 use super::StoreError;
-use super::apply::{append_to_timeline, archive_record, next_msg_id, put_message};
+use super::apply::{archive_record, next_msg_id, put_message};
+use super::journal::{Journal, LoggedEntry};
 use super::read::ReadView;
 use super::schema::{self, Dbs};
 use super::writer::{Delivery, OpResult, Origin, Reply};
@@ -193,9 +194,13 @@ fn conv_state(
 /// reader's timeline (for the reader's other devices) and into the timeline of each sender
 /// whose messages the mark passed (their read receipt).
 #[allow(clippy::too_many_arguments)]
+///
+/// The caller applied the journal first in this transaction: the mark moves over the
+/// derived `conv_entries` and `convs`.
 pub(super) fn apply_read(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     origin: Origin,
     user: UserId,
     user_name: &str,
@@ -277,15 +282,17 @@ pub(super) fn apply_read(
     };
     let bytes: Arc<[u8]> = archive_record(&record)?.into();
     put_message(txn, dbs, msg_id, &bytes)?;
+    let mut entry = LoggedEntry::new(msg_id, user, at_ms);
     for reader_or_sender in std::iter::once(user).chain(senders.into_iter().filter(|s| *s != user))
     {
-        let seq = append_to_timeline(txn, dbs, reader_or_sender, msg_id)?;
+        let seq = journal.place(txn, dbs, &mut entry, reader_or_sender, None)?;
         deliveries.push(Delivery {
             user: reader_or_sender,
             seq,
             message: Arc::clone(&bytes),
         });
     }
+    journal.log(txn, dbs, entry)?;
     results.push(OpResult::Answered {
         origin,
         reply: Reply::Read(ReadOk {

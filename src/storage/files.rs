@@ -17,10 +17,10 @@ use sha2::{Digest, Sha256};
 
 use super::StoreError;
 use super::apply::{
-    ack_first_send, ack_resend, append_to_timeline, archive_record, next_msg_id, put_message,
-    put_new, refuse,
+    ack_first_send, ack_resend, archive_record, next_msg_id, put_message, put_new, refuse,
 };
-use super::conversations::{NoteKind, note};
+use super::conversations::NoteKind;
+use super::journal::{Journal, LoggedEntry};
 use super::read::ReadView;
 use super::schema::{self, Dbs, META_FILES_BYTES, META_NEXT_FILE_ID};
 use super::writer::{Delivery, OpResult, Origin, Reply};
@@ -334,12 +334,20 @@ pub(super) struct FileSendFields<'a> {
 pub(super) fn apply_file_send(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     send: FileSendFields<'_>,
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
-    let dedup_key = schema::dedup_key(send.from, send.client_msg_id);
-    if ack_resend(txn, dbs, &dedup_key, send.origin, results)? {
+    if ack_resend(
+        txn,
+        dbs,
+        journal,
+        send.from,
+        send.client_msg_id,
+        send.origin,
+        results,
+    )? {
         return Ok(());
     }
     let Some(meta) = file_meta(txn, dbs, send.file_id)? else {
@@ -450,26 +458,16 @@ pub(super) fn apply_file_send(
     };
     let bytes: Arc<[u8]> = archive_record(&record)?.into();
     put_message(txn, dbs, msg_id, &bytes)?;
+    let mut entry = LoggedEntry::new(msg_id, send.from, send.sent_at_ms);
     let mut from_seq = 0;
     for user in &audience {
-        let seq = append_to_timeline(txn, dbs, *user, msg_id)?;
         // Each side of a 1:1 conversation names it by the other user.
         let conv = match send.to {
             Some(to) if *user == to => send.from.0,
             Some(to) => to.0,
             None => record_conv,
         };
-        note(
-            txn,
-            dbs,
-            *user,
-            conv,
-            seq,
-            msg_id,
-            send.from,
-            send.sent_at_ms,
-            NoteKind::Message,
-        )?;
+        let seq = journal.place(txn, dbs, &mut entry, *user, Some((conv, NoteKind::Message)))?;
         if *user == send.from {
             from_seq = seq;
         }
@@ -489,16 +487,9 @@ pub(super) fn apply_file_send(
                 .map_err(StoreError::lmdb("write file share"))?;
         }
     }
-    ack_first_send(
-        txn,
-        dbs,
-        &dedup_key,
-        send.origin,
-        msg_id,
-        from_seq,
-        send.sent_at_ms,
-        results,
-    )?;
+    entry.set_dedup(send.client_msg_id, from_seq);
+    journal.log(txn, dbs, entry)?;
+    ack_first_send(send.origin, msg_id, from_seq, send.sent_at_ms, results);
     Ok(())
 }
 

@@ -13,10 +13,10 @@ use heed::{PutFlags, RoTxn, RwTxn};
 
 use super::StoreError;
 use super::apply::{
-    ack_first_send, ack_resend, append_to_timeline, archive_record, next_msg_id, put_message,
-    put_new, refuse,
+    ack_first_send, ack_resend, archive_record, next_msg_id, put_message, put_new, refuse,
 };
-use super::conversations::{NoteKind, note};
+use super::conversations::NoteKind;
+use super::journal::{Journal, LoggedEntry};
 use super::read::ReadView;
 use super::schema::{self, Dbs, META_NEXT_GROUP_ID};
 use super::writer::{Delivery, OpResult, Origin, Reply};
@@ -178,6 +178,7 @@ pub(super) struct GroupOpFields<'a> {
 pub(super) fn apply_group_op(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     op: GroupOpFields<'_>,
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
@@ -195,7 +196,7 @@ pub(super) fn apply_group_op(
         return Ok(());
     }
     if op.op == group_op::CREATE {
-        return create_group(txn, dbs, op, results, deliveries);
+        return create_group(txn, dbs, journal, op, results, deliveries);
     }
     let Some(mut row) = group_row(txn, dbs, op.group_id)? else {
         refuse(results, origin, ErrorCode::UnknownGroup, "no such group");
@@ -351,9 +352,10 @@ pub(super) fn apply_group_op(
         .put(txn, &op.group_id.to_be_bytes(), &row.encode())
         .map_err(StoreError::lmdb("write group"))?;
     let record = membership_record(&op, kind, &subjects, &row.name);
-    let (_, actor_seq) = fan_out(
+    let (_, actor_seq, entry) = fan_out(
         txn,
         dbs,
+        journal,
         &audience,
         op.group_id,
         op.actor,
@@ -362,6 +364,7 @@ pub(super) fn apply_group_op(
         NoteKind::Membership,
         deliveries,
     )?;
+    journal.log(txn, dbs, entry)?;
     let seq = if remove.contains(&op.actor) {
         0
     } else {
@@ -378,6 +381,7 @@ pub(super) fn apply_group_op(
 fn create_group(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     op: GroupOpFields<'_>,
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
@@ -429,9 +433,10 @@ fn create_group(
     }
     let op = GroupOpFields { group_id, ..op };
     let record = membership_record(&op, record_kind::GROUP_CREATED, &all, &row.name);
-    let (_, seq) = fan_out(
+    let (_, seq, entry) = fan_out(
         txn,
         dbs,
+        journal,
         &all,
         group_id,
         op.actor,
@@ -440,6 +445,7 @@ fn create_group(
         NoteKind::Membership,
         deliveries,
     )?;
+    journal.log(txn, dbs, entry)?;
     let info = group_info(txn, dbs, group_id, &row, seq)?;
     results.push(OpResult::Answered {
         origin,
@@ -493,6 +499,7 @@ fn membership_record(op: &GroupOpFields<'_>, kind: u16, users: &[UserId], name: 
 fn fan_out(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     audience: &[UserId],
     group_id: u64,
     actor: UserId,
@@ -500,16 +507,16 @@ fn fan_out(
     mut record: Record,
     kind: NoteKind,
     deliveries: &mut Vec<Delivery>,
-) -> Result<(u64, u64), StoreError> {
+) -> Result<(u64, u64, LoggedEntry), StoreError> {
     let msg_id = next_msg_id(txn, dbs)?;
     record.msg_id = msg_id;
     let bytes: Arc<[u8]> = archive_record(&record)?.into();
     put_message(txn, dbs, msg_id, &bytes)?;
     let conv = group_conv(group_id);
+    let mut entry = LoggedEntry::new(msg_id, actor, at_ms);
     let mut actor_seq = 0;
     for user in audience {
-        let seq = append_to_timeline(txn, dbs, *user, msg_id)?;
-        note(txn, dbs, *user, conv, seq, msg_id, actor, at_ms, kind)?;
+        let seq = journal.place(txn, dbs, &mut entry, *user, Some((conv, kind)))?;
         if *user == actor {
             actor_seq = seq;
         }
@@ -519,7 +526,7 @@ fn fan_out(
             message: Arc::clone(&bytes),
         });
     }
-    Ok((msg_id, actor_seq))
+    Ok((msg_id, actor_seq, entry))
 }
 
 /// A `WriteOp::GroupSend`.
@@ -538,12 +545,20 @@ pub(super) struct GroupSendFields<'a> {
 pub(super) fn apply_group_send(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     send: GroupSendFields<'_>,
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
-    let dedup_key = schema::dedup_key(send.from, send.client_msg_id);
-    if ack_resend(txn, dbs, &dedup_key, send.origin, results)? {
+    if ack_resend(
+        txn,
+        dbs,
+        journal,
+        send.from,
+        send.client_msg_id,
+        send.origin,
+        results,
+    )? {
         return Ok(());
     }
     if group_row(txn, dbs, send.group_id)?.is_none() {
@@ -581,9 +596,10 @@ pub(super) fn apply_group_send(
         text: send.text.to_owned(),
         attachments: Vec::new(),
     };
-    let (msg_id, from_seq) = fan_out(
+    let (msg_id, from_seq, mut entry) = fan_out(
         txn,
         dbs,
+        journal,
         &audience,
         send.group_id,
         send.from,
@@ -593,16 +609,9 @@ pub(super) fn apply_group_send(
         deliveries,
     )?;
     debug_assert!(from_seq > 0, "a member is in its group's audience");
-    ack_first_send(
-        txn,
-        dbs,
-        &dedup_key,
-        send.origin,
-        msg_id,
-        from_seq,
-        send.sent_at_ms,
-        results,
-    )?;
+    entry.set_dedup(send.client_msg_id, from_seq);
+    journal.log(txn, dbs, entry)?;
+    ack_first_send(send.origin, msg_id, from_seq, send.sent_at_ms, results);
     Ok(())
 }
 

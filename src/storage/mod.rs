@@ -17,6 +17,7 @@ mod conversations;
 mod error;
 mod files;
 mod groups;
+mod journal;
 mod read;
 mod receipts;
 mod schema;
@@ -61,6 +62,11 @@ pub struct StoreConfig {
     /// to. Rounded up to the page size at open.
     pub map_size: usize,
     pub durability: Durability,
+    /// Most milliseconds a logged entry waits before the writer applies the journal to the
+    /// derived tables (`JOURNAL_APPLY_INTERVAL_MS` by default). 0 applies it with every
+    /// commit: each message then rewrites its users' pages at once, as a store without a
+    /// journal would (for comparison and for tests that read derived state directly).
+    pub journal_interval_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -68,6 +74,7 @@ impl Default for StoreConfig {
         StoreConfig {
             map_size: MAP_SIZE_DEFAULT,
             durability: Durability::Fsync,
+            journal_interval_ms: crate::limits::JOURNAL_APPLY_INTERVAL_MS,
         }
     }
 }
@@ -101,6 +108,9 @@ struct StoreInner {
     env: heed::Env<WithoutTls>,
     dbs: Dbs,
     durability: Durability,
+    journal_interval_ms: u64,
+    /// Users with journal entries the derived tables do not show yet (`journal.rs`).
+    pending: Arc<journal::PendingUsers>,
 }
 
 // Shards and the writer share the store across threads.
@@ -153,6 +163,8 @@ impl Store {
                 env,
                 dbs,
                 durability: config.durability,
+                journal_interval_ms: config.journal_interval_ms,
+                pending: Arc::new(journal::PendingUsers::new()),
             }),
         })
     }
@@ -226,6 +238,23 @@ impl Store {
     /// Where file blobs live (`<data>/files`); uploads in progress are in its `tmp/`.
     pub fn files_dir(&self) -> &Path {
         &self.inner.files_dir
+    }
+
+    /// Whether `user` may have entries that the derived tables (timeline, history,
+    /// conversations) do not show yet. While true, read those through a `WriteOp::Flush`
+    /// first; false means a read begun now sees every entry of `user` acknowledged or pushed
+    /// so far.
+    pub fn derived_pending(&self, user: UserId) -> bool {
+        self.inner.pending.contains(user)
+    }
+
+    /// See `StoreConfig::journal_interval_ms`.
+    pub fn journal_interval_ms(&self) -> u64 {
+        self.inner.journal_interval_ms
+    }
+
+    pub(crate) fn pending_users(&self) -> Arc<journal::PendingUsers> {
+        Arc::clone(&self.inner.pending)
     }
 
     pub(crate) fn env(&self) -> &heed::Env<WithoutTls> {

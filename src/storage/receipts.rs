@@ -12,7 +12,8 @@ use std::sync::Arc;
 use heed::RwTxn;
 
 use super::StoreError;
-use super::apply::{append_to_timeline, archive_record, next_msg_id, put_message};
+use super::apply::{archive_record, next_msg_id, put_message};
+use super::journal::{Journal, LoggedEntry};
 use super::schema::{self, Dbs};
 use super::writer::Delivery;
 use crate::ids::UserId;
@@ -46,6 +47,7 @@ fn message_origin(bytes: &[u8]) -> Result<Option<(UserId, u64)>, StoreError> {
 pub(super) fn on_device_ack(
     txn: &mut RwTxn,
     dbs: &Dbs,
+    journal: &mut Journal,
     user: UserId,
     acked_seq: u64,
     at_ms: u64,
@@ -130,7 +132,9 @@ pub(super) fn on_device_ack(
         };
         let bytes: Arc<[u8]> = archive_record(&record)?.into();
         put_message(txn, dbs, msg_id, &bytes)?;
-        let seq = append_to_timeline(txn, dbs, sender, msg_id)?;
+        let mut entry = LoggedEntry::new(msg_id, user, at_ms);
+        let seq = journal.place(txn, dbs, &mut entry, sender, None)?;
+        journal.log(txn, dbs, entry)?;
         deliveries.push(Delivery {
             user: sender,
             seq,

@@ -23,6 +23,7 @@
 //! | `files`       | file id u64                       | `FileMeta` (owner, size, time, SHA-256, name, MIME) |
 //! | `file_shares` | file id u64 ‖ user id or group conv u64 | empty: who may download       |
 //! | `file_usage`  | user id u64                       | bytes of files the user stored u64    |
+//! | `journal`     | msg id u64                        | placements of a logged, unapplied entry (`journal.rs`) |
 //!
 //! File contents live outside LMDB, in `<data>/files/<sha256 hex>` (content-addressed,
 //! written to `files/tmp/` first, fsynced and renamed into place).
@@ -34,6 +35,11 @@
 //! timeline (history pages read it backwards), `convs` holds each conversation's last
 //! entry, read mark and unread count, and `conv_recent` orders conversations by their
 //! last seq (the conversation list reads it backwards).
+//!
+//! `messages` and `journal` are the log: keys only grow, so they are appended (MDB_APPEND)
+//! and a commit dirties only their tail pages. Every other table above `files` except
+//! `users`, `user_names` and the group tables is derived from the log and brought up to
+//! date in batches (`journal.rs`).
 //!
 //! This file must not hold a transaction or cache a counter: another process (the `tern
 //! add-user` command) may write between two of our transactions, so counters are read
@@ -52,7 +58,11 @@ pub(crate) type Db = heed::Database<'static, Bytes, Bytes>;
 
 /// Version of the layout above. A store written by another layout is refused at open
 /// rather than misread.
-pub(crate) const SCHEMA_VERSION: u64 = 1;
+pub(crate) const SCHEMA_VERSION: u64 = 2;
+
+/// Version 1 had no `journal`: every derived row was written with its entry. Such a store
+/// opens as version 2 with an empty journal.
+const SCHEMA_VERSION_NO_JOURNAL: u64 = 1;
 
 /// Named databases in the schema; `max_dbs` of the environment.
 pub(crate) const DATABASES_MAX: u32 = 24;
@@ -90,6 +100,7 @@ pub(crate) struct Dbs {
     pub files: Db,
     pub file_shares: Db,
     pub file_usage: Db,
+    pub journal: Db,
 }
 
 /// Creates (or opens) every database and records the schema version, in one transaction.
@@ -104,6 +115,9 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             match meta.get(wtxn, META_SCHEMA_VERSION)? {
                 None => meta.put(wtxn, META_SCHEMA_VERSION, &SCHEMA_VERSION.to_be_bytes())?,
                 Some(v) if v == SCHEMA_VERSION.to_be_bytes() => {}
+                Some(v) if v == SCHEMA_VERSION_NO_JOURNAL.to_be_bytes() => {
+                    meta.put(wtxn, META_SCHEMA_VERSION, &SCHEMA_VERSION.to_be_bytes())?
+                }
                 Some(_) => return Ok(CommitOrAbort::Abort(StoreError::Corrupt("schema version"))),
             }
             Ok(CommitOrAbort::Commit((
@@ -128,6 +142,7 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
                     opener.create_database(wtxn, Some("files"))?,
                     opener.create_database(wtxn, Some("file_shares"))?,
                     opener.create_database(wtxn, Some("file_usage"))?,
+                    opener.create_database(wtxn, Some("journal"))?,
                 ),
             )))
         })
@@ -143,7 +158,7 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             dedup,
             device_acks,
             (groups, members, user_groups, conv_entries, convs, conv_recent, delivered),
-            (files, file_shares, file_usage),
+            (files, file_shares, file_usage, journal),
         )) => Ok(Dbs {
             meta,
             users,
@@ -163,6 +178,7 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             files,
             file_shares,
             file_usage,
+            journal,
         }),
         CommitOrAbort::Abort(error) => Err(error),
     }

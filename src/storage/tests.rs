@@ -81,11 +81,19 @@ fn config(map_size: usize, durability: Durability) -> StoreConfig {
     StoreConfig {
         map_size,
         durability,
+        ..StoreConfig::default()
     }
 }
 
 impl Harness {
-    fn new(config: StoreConfig, gated: bool) -> Harness {
+    /// A writer that applies the journal with every commit, so the test can read derived
+    /// state straight from the store; `deferred` keeps the node's default interval.
+    fn new(mut config: StoreConfig, gated: bool) -> Harness {
+        config.journal_interval_ms = 0;
+        Harness::deferred(config, gated)
+    }
+
+    fn deferred(config: StoreConfig, gated: bool) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &config).unwrap();
         for (id, name) in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")] {
@@ -396,7 +404,8 @@ fn copies_in_one_batch_are_deduplicated() {
         WriterStats {
             batches: 2,
             ops: 4,
-            ops_failed: 0
+            ops_failed: 0,
+            applies: 2,
         }
     );
 }
@@ -422,7 +431,8 @@ fn group_commit_batches_queued_ops() {
         WriterStats {
             batches: 2,
             ops: queued + 1,
-            ops_failed: 0
+            ops_failed: 0,
+            applies: 2,
         }
     );
 }
@@ -649,7 +659,8 @@ fn invalid_op_fails_alone() {
         WriterStats {
             batches: 2,
             ops: 4,
-            ops_failed: 1
+            ops_failed: 1,
+            applies: 2,
         }
     );
     assert_eq!(store.read().unwrap().head_seq(BOB).unwrap(), 2);
@@ -869,7 +880,11 @@ fn other_schema_version_is_refused() {
     store
         .dbs()
         .meta
-        .put(&mut txn, META_SCHEMA_VERSION, &2u64.to_be_bytes())
+        .put(
+            &mut txn,
+            META_SCHEMA_VERSION,
+            &(schema::SCHEMA_VERSION + 1).to_be_bytes(),
+        )
         .unwrap();
     txn.commit().unwrap();
     drop(store);
@@ -1136,5 +1151,244 @@ fn group_rules_refuse_without_writing() {
     );
     assert!(h.drain_deliveries().is_empty());
     assert_eq!([head(&h, ALICE), head(&h, BOB), head(&h, CAROL)], heads);
+    h.finish();
+}
+
+// The journal: entries logged now, derived tables applied later (`journal.rs`).
+
+impl Harness {
+    /// Asks the writer to apply the journal and waits for the answer.
+    fn flush(&mut self) {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let origin = test_origin(request_id);
+        self.writer
+            .as_ref()
+            .unwrap()
+            .try_submit(WriteOp::Flush { origin })
+            .unwrap();
+        match self.result() {
+            OpResult::Flushed { origin: got } => assert_eq!(got, origin),
+            other => panic!("flush answered {other:?}"),
+        }
+    }
+}
+
+/// A config whose journal is never due by age within a test: only a flush, a read mark,
+/// the pending bound or the writer's exit applies it.
+fn deferred_config() -> StoreConfig {
+    StoreConfig {
+        journal_interval_ms: 3_600_000,
+        ..config(64 * MIB, Durability::None)
+    }
+}
+
+#[test]
+fn acked_entries_wait_in_the_journal_until_a_flush() {
+    let mut h = Harness::deferred(deferred_config(), false);
+    let first = h.send_acked(ALICE, BOB, 1, "one");
+    let second = h.send_acked(ALICE, BOB, 2, "two");
+    assert_eq!(
+        (first.seq, second.seq),
+        (1, 2),
+        "seqs come from the journal's heads"
+    );
+    // Logged, acknowledged, not yet derived: readers are told to flush first.
+    assert!(h.store.derived_pending(ALICE) && h.store.derived_pending(BOB));
+    assert!(!h.store.derived_pending(CAROL));
+    assert_eq!(h.store.read().unwrap().message_count().unwrap(), 2);
+    assert!(timeline(&h.store, BOB).is_empty());
+    // A resend of an unapplied send is answered from the journal's memory.
+    match h.send(ALICE, BOB, 1, "one again") {
+        OpResult::SendAcked { ack, .. } => assert_eq!(
+            ack,
+            SendAck {
+                duplicate: true,
+                ..first
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+    h.flush();
+    assert!(!h.store.derived_pending(ALICE) && !h.store.derived_pending(BOB));
+    let bob = timeline(&h.store, BOB);
+    assert_eq!(
+        bob.iter()
+            .map(|(s, m)| (*s, m.text.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "one"), (2, "two")]
+    );
+    assert_eq!(h.store.read().unwrap().head_seq(ALICE).unwrap(), 2);
+    // After the apply the resend is answered from `dedup`, still with the first ack.
+    match h.send(ALICE, BOB, 2, "two again") {
+        OpResult::SendAcked { ack, .. } => assert_eq!(
+            ack,
+            SendAck {
+                duplicate: true,
+                ..second
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+    let third = h.send_acked(BOB, ALICE, 1, "three");
+    assert_eq!(third.seq, 3, "seqs continue from the applied head");
+    let (_, _, stats, _) = h.finish();
+    // The flush, then the exit's apply of the last send.
+    assert_eq!(stats.applies, 2);
+}
+
+#[test]
+fn a_journal_left_by_a_crash_is_applied_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &deferred_config()).unwrap();
+    for (id, name) in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")] {
+        assert_eq!(store.add_user(name, "$argon2id$test").unwrap(), id);
+    }
+    // Batches applied and committed as the writer would, without a writer thread: what a
+    // node that was killed before its next apply leaves behind.
+    let names = names();
+    let mut acked = Vec::new();
+    for batch in 0..3u64 {
+        let mut ops: Vec<WriteOp> = (0..5u64)
+            .map(|i| WriteOp::Send {
+                origin: test_origin(0),
+                from: ALICE,
+                from_name: names[&ALICE].to_owned(),
+                to: BOB,
+                to_name: names[&BOB].to_owned(),
+                client_msg_id: batch * 5 + i + 1,
+                text: format!("m{}", batch * 5 + i),
+                sent_at_ms: 1,
+            })
+            .collect();
+        let (mut results, mut deliveries) = (Vec::new(), Vec::new());
+        apply_batch(&store, &mut ops, &mut results, &mut deliveries).unwrap();
+        for result in results {
+            match result {
+                OpResult::SendAcked { ack, .. } => acked.push(ack),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        acked.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        (1..=15).collect::<Vec<_>>()
+    );
+    assert!(timeline(&store, BOB).is_empty(), "nothing applied yet");
+    let journal_len = |store: &Store| {
+        let txn = store.env().read_txn().unwrap();
+        store.dbs().journal.len(&txn).unwrap()
+    };
+    assert_eq!(journal_len(&store), 15);
+    drop(store);
+
+    let store = Store::open(dir.path(), &deferred_config()).unwrap();
+    let mut h = Harness::start(dir, store, false);
+    // The writer applied the journal before taking any op.
+    assert_eq!(journal_len(&h.store), 0);
+    let bob = timeline(&h.store, BOB);
+    assert_eq!(bob.len(), 15);
+    for ((seq, message), ack) in bob.iter().zip(&acked) {
+        assert_eq!((*seq, message.msg_id), (ack.seq, ack.msg_id));
+    }
+    // Dedup survived: a resend of the first send gets its ack back.
+    match h.send(ALICE, BOB, 1, "again") {
+        OpResult::SendAcked { ack, .. } => assert_eq!(
+            ack,
+            SendAck {
+                duplicate: true,
+                ..acked[0]
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+    let next = h.send_acked(CAROL, BOB, 1, "after restart");
+    assert_eq!(next.seq, 1);
+    h.flush();
+    assert_eq!(h.store.read().unwrap().head_seq(BOB).unwrap(), 16);
+    h.finish();
+}
+
+#[test]
+fn device_acks_and_their_receipts_wait_for_the_apply() {
+    let mut h = Harness::deferred(deferred_config(), false);
+    let ack = h.send_acked(ALICE, BOB, 1, "hi");
+    h.drain_deliveries();
+    h.submit_ack(BOB, "phone", 1);
+    // The cursor is not written yet and no receipt went out.
+    h.flush();
+    let view = h.store.read().unwrap();
+    assert_eq!(view.device_acked_seq(BOB, "phone").unwrap(), 1);
+    drop(view);
+    // The apply sent alice one DELIVERED record naming the message, and applied it too.
+    let receipts: Vec<Delivery> = h.drain_deliveries();
+    assert_eq!(receipts.len(), 1);
+    assert_eq!((receipts[0].user, receipts[0].seq), (ALICE, ack.seq + 1));
+    assert!(crate::protocol::is_record(&receipts[0].message));
+    assert_eq!(h.store.read().unwrap().head_seq(ALICE).unwrap(), 2);
+    assert!(!h.store.derived_pending(ALICE));
+    h.finish();
+}
+
+#[test]
+fn a_read_mark_applies_the_journal_first() {
+    let mut h = Harness::deferred(deferred_config(), false);
+    for i in 0..3 {
+        h.send_acked(ALICE, BOB, i + 1, "unread");
+    }
+    // The conversation exists only in the journal; the read mark must see it.
+    match h.read_mark(BOB, ALICE.0, 2) {
+        OpResult::Answered {
+            reply: Reply::Read(ok),
+            ..
+        } => assert_eq!((ok.read_seq, ok.unread), (2, 1)),
+        other => panic!("{other:?}"),
+    }
+    let state = h
+        .store
+        .read()
+        .unwrap()
+        .conversation_state(BOB, ALICE.0)
+        .unwrap()
+        .unwrap();
+    assert_eq!((state.last_seq, state.read_seq, state.unread), (3, 2, 1));
+    h.finish();
+}
+
+#[test]
+fn a_full_map_with_a_deferred_journal_keeps_timelines_contiguous() {
+    let mut h = Harness::deferred(
+        StoreConfig {
+            journal_interval_ms: 3_600_000,
+            ..config(MIB, Durability::None)
+        },
+        true,
+    );
+    h.submit_send(CAROL, CAROL, 1, "warm-up");
+    h.wait_entered();
+    let text = "g".repeat(4096);
+    for i in 0..300 {
+        h.submit_send(ALICE, BOB, i + 1, &text);
+    }
+    h.open_gate();
+    let mut acked = Vec::new();
+    for _ in 0..=300 {
+        match h.result() {
+            OpResult::SendAcked { ack, .. } => acked.push(ack),
+            OpResult::SendFailed { code, .. } => assert_eq!(code, ErrorCode::StorageFull),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(acked.len() > 1 && acked.len() < 301);
+    // Whatever was acknowledged is in the journal; an apply may not fit any more, but
+    // nothing acknowledged is lost and the seqs handed out stay contiguous.
+    let bob_seqs: Vec<u64> = acked[1..].iter().map(|a| a.seq).collect();
+    assert_eq!(bob_seqs, (1..=bob_seqs.len() as u64).collect::<Vec<_>>());
+    let (dir, store, _, _) = h.finish();
+    drop(store);
+    // Reopened with room, the journal applies and every acknowledged entry is there.
+    let store = Store::open(dir.path(), &config(64 * MIB, Durability::None)).unwrap();
+    let h = Harness::start(dir, store, false);
+    assert_eq!(timeline(&h.store, BOB).len(), bob_seqs.len());
     h.finish();
 }

@@ -6,6 +6,12 @@
 //! the new timeline entries to its `CommitSink`. So a burst that arrives while one fsync
 //! runs shares the next one.
 //!
+//! A batch's transaction appends each new entry to the log (`messages` and `journal`, see
+//! `journal.rs`); the derived tables are brought up to date in the same transaction only
+//! when the journal is due (`JOURNAL_APPLY_INTERVAL_MS` old or `JOURNAL_PLACEMENTS_PENDING_MAX`
+//! placements), when an op needs them current (`Read`, `Flush`), or, with nothing queued,
+//! when the interval runs out. Device acks wait in memory for the same apply.
+//!
 //! A failed batch never takes the thread down: the batch transaction is aborted and each op
 //! is retried in a transaction of its own, so one bad op (or the op that filled the map)
 //! fails alone. This thread must not call back into shards other than through the sink, and
@@ -13,12 +19,15 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use super::apply::ApplyJournal;
+use super::journal::Journal;
 use super::{Store, StoreError, apply};
 use crate::ids::{ConnId, ShardId, UserId};
-use crate::limits::{WRITER_BATCH_MAX, WRITER_QUEUE_MAX};
+use crate::limits::{JOURNAL_PLACEMENTS_PENDING_MAX, WRITER_BATCH_MAX, WRITER_QUEUE_MAX};
 use crate::protocol::{ErrorCode, FileInfo, GroupInfo, ReadOk, SendAck};
 
 /// Where a send came from, so its result finds its way back to the request.
@@ -45,7 +54,8 @@ pub enum WriteOp {
         sent_at_ms: u64,
     },
     /// A device stored every entry up to `up_to_seq`. The cursor only moves forward and
-    /// never past the timeline's head. No result is reported.
+    /// never past the timeline's head. No result is reported; the cursor (and the delivery
+    /// receipts it calls for) is written with the next journal apply.
     DeviceAck {
         user: UserId,
         device: String,
@@ -97,6 +107,10 @@ pub enum WriteOp {
     /// A message carrying a file, 1:1 (`to`) or to a group. Answered like a send. Boxed:
     /// it is the largest op, and every queue slot would pay for it.
     FileSend(Box<FileSendOp>),
+    /// Applies the journal, so that a read transaction begun after the answer
+    /// (`OpResult::Flushed`) sees every entry committed before this op was taken. A shard
+    /// sends it before a read of derived state for a user with unapplied entries.
+    Flush { origin: Origin },
 }
 
 /// The fields of `WriteOp::FileSend`.
@@ -149,6 +163,10 @@ pub enum OpResult {
         code: ErrorCode,
         message: &'static str,
     },
+    /// A `Flush` committed: the derived tables hold every entry logged before it.
+    Flushed {
+        origin: Origin,
+    },
 }
 
 impl OpResult {
@@ -158,7 +176,8 @@ impl OpResult {
             OpResult::SendAcked { origin, .. }
             | OpResult::SendFailed { origin, .. }
             | OpResult::Answered { origin, .. }
-            | OpResult::Refused { origin, .. } => *origin,
+            | OpResult::Refused { origin, .. }
+            | OpResult::Flushed { origin } => *origin,
         }
     }
 }
@@ -192,6 +211,8 @@ pub struct WriterStats {
     pub ops: u64,
     /// Ops that were not applied (sends answered `SendFailed`, device acks dropped).
     pub ops_failed: u64,
+    /// Journal applies that committed (each brought the derived tables up to date).
+    pub applies: u64,
 }
 
 /// Submits ops to the writer. The writer exits once every handle is dropped and the queue
@@ -211,14 +232,21 @@ impl WriterHandle {
     }
 }
 
-/// Starts the writer thread on `store`, reporting each batch to `sink`.
+/// Starts the writer thread on `store`, reporting each batch to `sink`. First applies, on
+/// the calling thread, whatever journal a previous run left (after a crash); an error there
+/// (a damaged journal, a full map) is returned and no thread starts.
 pub fn spawn_writer(
     store: Store,
     sink: impl CommitSink,
 ) -> std::io::Result<(WriterHandle, JoinHandle<WriterStats>)> {
+    let mut journal = Journal::new(store.pending_users());
+    journal
+        .recover(&store)
+        .map_err(|error| std::io::Error::other(format!("applying the store journal: {error}")))?;
     let (queue, ops) = crossbeam_channel::bounded(WRITER_QUEUE_MAX);
     let writer = Writer {
         store,
+        journal,
         sink,
         batch: Vec::with_capacity(WRITER_BATCH_MAX),
         results: Vec::with_capacity(WRITER_BATCH_MAX),
@@ -240,6 +268,9 @@ pub fn spawn_writer(
 /// For benches and tools that measure the batch path without a thread in between. A running
 /// node writes only through `spawn_writer`: two writers on one store would serialise on
 /// LMDB's writer lock and break the writer's batching.
+///
+/// The journal's memory is rebuilt from the store on each call, and the batch applies the
+/// journal at its end when it is due, as the writer would.
 pub fn apply_batch(
     store: &Store,
     ops: &mut [WriteOp],
@@ -249,11 +280,31 @@ pub fn apply_batch(
     for op in ops.iter() {
         apply::check(op)?;
     }
-    apply::in_one_txn(store, ops, results, deliveries)
+    let mut journal = Journal::new(store.pending_users());
+    journal.reload(store)?;
+    let when = apply_when(store, &journal);
+    if apply::in_one_txn(store, &mut journal, when, ops, results, deliveries)? {
+        journal.applied();
+    }
+    Ok(())
+}
+
+/// Whether the next batch applies the journal at its end.
+fn apply_when(store: &Store, journal: &Journal) -> ApplyJournal {
+    let interval = Duration::from_millis(store.journal_interval_ms());
+    // Interval 0: every batch applies what it logs.
+    let old = interval.is_zero() || journal.oldest().is_some_and(|t| t.elapsed() >= interval);
+    if old || journal.placements() >= JOURNAL_PLACEMENTS_PENDING_MAX {
+        ApplyJournal::AtEnd
+    } else {
+        ApplyJournal::WhenNeeded
+    }
 }
 
 struct Writer<S> {
     store: Store,
+    /// What is logged and not yet applied to the derived tables.
+    journal: Journal,
     sink: S,
     /// Ops of the batch being applied; empty between batches.
     batch: Vec<WriteOp>,
@@ -270,7 +321,26 @@ impl<S: CommitSink> Writer<S> {
     fn run(mut self, ops: Receiver<WriteOp>) -> WriterStats {
         // `recv` fails only once the queue is empty and every handle is gone, so everything
         // queued before shutdown is committed.
-        while let Ok(first) = ops.recv() {
+        loop {
+            let first = match self.journal.oldest() {
+                None => match ops.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                },
+                Some(oldest) => {
+                    let due = oldest + Duration::from_millis(self.store.journal_interval_ms());
+                    match ops.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                        Ok(op) => Some(op),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            let Some(first) = first else {
+                // Quiet and the journal is due: apply it alone.
+                self.apply_journal();
+                continue;
+            };
             debug_assert!(self.batch.is_empty());
             self.batch.push(first);
             while self.batch.len() < WRITER_BATCH_MAX {
@@ -285,7 +355,58 @@ impl<S: CommitSink> Writer<S> {
             self.deliveries.clear();
             self.batch.clear();
         }
+        // Leave the derived tables complete: the next start has nothing to recover.
+        if !self.journal.is_empty() {
+            self.apply_journal();
+        }
         self.stats
+    }
+
+    /// Applies the journal in a transaction of its own.
+    fn apply_journal(&mut self) {
+        let outcome = apply::in_one_txn(
+            &self.store,
+            &mut self.journal,
+            ApplyJournal::AtEnd,
+            &mut [],
+            &mut self.results,
+            &mut self.deliveries,
+        );
+        if let Err(error) = self.after_txn(outcome) {
+            self.deliveries.clear();
+            self.report(&error);
+        }
+        // Delivery receipts the acks called for.
+        if !self.deliveries.is_empty() {
+            self.sink.committed(&mut self.results, &mut self.deliveries);
+            self.deliveries.clear();
+        }
+        debug_assert!(self.results.is_empty());
+    }
+
+    /// Brings the journal's memory in step with what the transaction did: fully applied,
+    /// still pending, or (failed) what the committed journal says.
+    fn after_txn(&mut self, outcome: Result<bool, StoreError>) -> Result<(), StoreError> {
+        match outcome {
+            Ok(true) => {
+                self.stats.applies += 1;
+                self.journal.applied();
+                self.full_reported = false;
+                Ok(())
+            }
+            Ok(false) => {
+                self.full_reported = false;
+                Ok(())
+            }
+            Err(error) => {
+                if let Err(reload) = self.journal.reload(&self.store) {
+                    // The memory of unapplied entries cannot be trusted: seqs handed out
+                    // from it could repeat. Better to stop than to write a broken timeline.
+                    panic!("tern: store writer: journal reload failed after {error}: {reload}");
+                }
+                Err(error)
+            }
+        }
     }
 
     fn commit_batch(&mut self) {
@@ -301,18 +422,17 @@ impl<S: CommitSink> Writer<S> {
         }
         // Results of dropped ops stay; what the batch itself produces comes after them.
         let results_len = self.results.len();
+        let when = apply_when(&self.store, &self.journal);
         let outcome = apply::in_one_txn(
             &self.store,
+            &mut self.journal,
+            when,
             &mut self.batch,
             &mut self.results,
             &mut self.deliveries,
         );
-        let error = match outcome {
-            Ok(()) => {
-                self.full_reported = false;
-                return;
-            }
-            Err(error) => error,
+        let Err(error) = self.after_txn(outcome) else {
+            return;
         };
         // Nothing of the batch committed; forget what it produced.
         self.results.truncate(results_len);
@@ -325,24 +445,37 @@ impl<S: CommitSink> Writer<S> {
         }
         self.report(&error);
         // One op at a time: the ops that fit still commit, each with its own fsync; this
-        // path runs only after a failure.
+        // path runs only after a failure. An op whose transaction fails only with the
+        // journal's apply in it (a full map) is retried without, so it does not fail
+        // because of the apply.
         for index in 0..self.batch.len() {
             let results_len = self.results.len();
             let deliveries_len = self.deliveries.len();
-            let outcome = apply::in_one_txn(
-                &self.store,
-                &mut self.batch[index..index + 1],
-                &mut self.results,
-                &mut self.deliveries,
-            );
-            match outcome {
-                Ok(()) => self.full_reported = false,
-                Err(error) => {
-                    self.results.truncate(results_len);
-                    self.deliveries.truncate(deliveries_len);
-                    let origin = op_origin(&self.batch[index]);
-                    self.fail(origin, &error);
+            let mut when = apply_when(&self.store, &self.journal);
+            let outcome = loop {
+                let outcome = apply::in_one_txn(
+                    &self.store,
+                    &mut self.journal,
+                    when,
+                    &mut self.batch[index..index + 1],
+                    &mut self.results,
+                    &mut self.deliveries,
+                );
+                match self.after_txn(outcome) {
+                    Err(_) if when == ApplyJournal::AtEnd => {
+                        // Perhaps the apply did not fit; the op alone may.
+                        self.results.truncate(results_len);
+                        self.deliveries.truncate(deliveries_len);
+                        when = ApplyJournal::WhenNeeded;
+                    }
+                    outcome => break outcome,
                 }
+            };
+            if let Err(error) = outcome {
+                self.results.truncate(results_len);
+                self.deliveries.truncate(deliveries_len);
+                let origin = op_origin(&self.batch[index]);
+                self.fail(origin, &error);
             }
         }
     }
@@ -397,7 +530,8 @@ fn op_origin(op: &WriteOp) -> Option<Origin> {
         | WriteOp::GroupOp { origin, .. }
         | WriteOp::GroupSend { origin, .. }
         | WriteOp::Read { origin, .. }
-        | WriteOp::FileCommit { origin, .. } => Some(*origin),
+        | WriteOp::FileCommit { origin, .. }
+        | WriteOp::Flush { origin } => Some(*origin),
         WriteOp::FileSend(op) => Some(op.origin),
         WriteOp::DeviceAck { .. } => None,
     }
