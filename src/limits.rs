@@ -86,7 +86,14 @@ pub const IDLE_TIMEOUT_INTERVAL_TENTHS: u64 = 25;
 pub const TIMER_TICK_MS: u64 = 100;
 pub const TIMER_SLOTS: usize = 512;
 
-/// Store writer queue (shards → writer). A full queue answers the sender `busy`.
+/// Ops one shard holds for the writer while the writer's queue is full, in arrival order
+/// (each ~100–300 B with its text: ≲ 16 MiB per shard when full). Past it a send is
+/// answered `busy`. Each connection is bounded too (`CONNECTION_INFLIGHT_MAX`), so one
+/// fast sender cannot fill it alone.
+pub const SHARD_WRITER_WAITING_MAX: usize = 64 * 1024;
+
+/// Store writer queue (shards → writer). A full queue makes shards hold further ops in
+/// their own line (`SHARD_WRITER_WAITING_MAX`).
 pub const WRITER_QUEUE_MAX: usize = 16 * 1024;
 /// Most operations applied in one write transaction (one fsync).
 pub const WRITER_BATCH_MAX: usize = 1024;
@@ -102,7 +109,7 @@ pub const JOURNAL_APPLY_INTERVAL_MS: u64 = 1_000;
 /// the end of the batch, whatever their age. Bounds the writer's memory of unapplied
 /// entries (a head per user, a dedup entry per send: ≲ 64 B per placement, 2 MiB) and the
 /// length of one apply.
-pub const JOURNAL_PLACEMENTS_PENDING_MAX: usize = 32 * 1024;
+pub const JOURNAL_PLACEMENTS_PENDING_MAX: usize = 128 * 1024;
 /// Placements of one logged entry: a group message goes to every member.
 pub const JOURNAL_PLACEMENTS_MAX: usize = GROUP_MEMBERS_MAX;
 /// Bits of the map of users with unapplied entries, shared by the writer and the shards

@@ -356,10 +356,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 /// SIGUSR1: one line of the io backends' counters on stdout, for operators and the churn
 /// test (which checks that every gauge returns to zero).
 fn print_stats(node: &Node) {
+    let writer = node.store().writer_counters();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     match node.backend_stats(STATS_TIMEOUT) {
         Some(s) => println!(
             "tern stats: io={} connections_open={} connections_closing={} accepted_total={} \
-             closed_total={} backlog_bytes={} write_buffers={} read_buffers_held={}",
+             closed_total={} backlog_bytes={} write_buffers={} read_buffers_held={} \
+             store_commits={} store_ops={} store_applies={} store_placements_applied={} \
+             store_log_write_bytes={} store_apply_write_bytes={}",
             node.io().name(),
             s.connections_open,
             s.connections_closing,
@@ -367,7 +371,13 @@ fn print_stats(node: &Node) {
             s.closed_total,
             s.backlog_bytes,
             s.write_buffers,
-            s.read_buffers_held
+            s.read_buffers_held,
+            count(&writer.commits),
+            count(&writer.ops),
+            count(&writer.applies),
+            count(&writer.placements_applied),
+            count(&writer.log_write_bytes),
+            count(&writer.apply_write_bytes),
         ),
         None => println!("tern stats: unavailable (a shard did not answer)"),
     }

@@ -185,6 +185,11 @@ impl Node {
         self.io
     }
 
+    /// The node's store (for its counters; writes go through the writer thread).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The io backends' counters summed over shards, or None if a shard did not answer
     /// within `timeout` (each shard publishes them on its next loop turn).
     pub fn backend_stats(&self, timeout: Duration) -> Option<BackendStats> {

@@ -12,7 +12,7 @@ mod presence;
 mod team;
 pub mod timer_wheel;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +24,8 @@ use crate::io::{Handler, Transmit};
 use crate::limits::{
     CONNECTION_BACKLOG_MAX, CONNECTION_INFLIGHT_MAX, HANDSHAKE_TIMEOUT_MS,
     HEARTBEAT_COALESCE_QUIET_MS, IDLE_TIMEOUT_INTERVAL_TENTHS, SHARD_CONNECTIONS_MAX,
-    SHARD_UNAUTHENTICATED_MAX, SYNC_PAGE_BYTES_MAX, SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS,
-    TIMER_TICK_MS,
+    SHARD_UNAUTHENTICATED_MAX, SHARD_WRITER_WAITING_MAX, SYNC_PAGE_BYTES_MAX,
+    SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS, TIMER_TICK_MS,
 };
 use crate::protocol::{EntryRef, ErrorCode, LoginOk, SyncPageRef};
 use crate::routing::Directory;
@@ -62,6 +62,8 @@ pub struct ShardStats {
     pub backlog_overflows: u64,
     /// Reads that waited for the writer to apply the journal first.
     pub reads_parked: u64,
+    /// Ops that found the writer's queue full and waited in the shard's line.
+    pub writer_waits: u64,
 }
 
 struct Slot {
@@ -99,6 +101,11 @@ pub struct Shard {
     /// (`WriteOp::Flush`), by (connection, request id). Each counts against its
     /// connection's in-flight bound.
     parked: HashMap<(ConnId, u32), Request>,
+    /// Ops for the writer that found its queue full, in arrival order: they go out first on
+    /// later turns, and every new op queues behind them (one connection's sends stay in
+    /// order; every connection waits its turn instead of being told `busy`). At most
+    /// `SHARD_WRITER_WAITING_MAX`.
+    writer_waiting: VecDeque<WriteOp>,
     /// Uploads in progress per connection (at most `UPLOADS_PER_CONNECTION_MAX` each).
     uploads: HashMap<ConnId, Vec<files::Upload>>,
     next_upload_id: u64,
@@ -126,6 +133,7 @@ impl Shard {
             presence_conns: HashMap::new(),
             ephemeral_pending: Vec::new(),
             parked: HashMap::new(),
+            writer_waiting: VecDeque::new(),
             uploads: HashMap::new(),
             next_upload_id: 0,
             stats: ShardStats::default(),
@@ -266,6 +274,38 @@ impl Shard {
         }
     }
 
+    /// Hands `op` to the writer, behind any op of this shard still waiting for room. A full
+    /// writer queue keeps the op here (FIFO) to go out on a later turn; the op comes back
+    /// only when this shard's waiting line is full too (`busy` to the client).
+    pub(super) fn hand_to_writer(&mut self, op: WriteOp) -> Result<(), WriteOp> {
+        if self.writer_waiting.is_empty() {
+            match self.ctx.writer.try_submit(op) {
+                Ok(()) => return Ok(()),
+                Err(op) if self.writer_waiting.len() < SHARD_WRITER_WAITING_MAX => {
+                    self.writer_waiting.push_back(op);
+                    self.stats.writer_waits += 1;
+                    return Ok(());
+                }
+                Err(op) => return Err(op),
+            }
+        }
+        if self.writer_waiting.len() >= SHARD_WRITER_WAITING_MAX {
+            return Err(op);
+        }
+        self.writer_waiting.push_back(op);
+        Ok(())
+    }
+
+    /// Moves waiting ops into the writer's queue while it has room.
+    fn drain_writer_waiting(&mut self) {
+        while let Some(op) = self.writer_waiting.pop_front() {
+            if let Err(op) = self.ctx.writer.try_submit(op) {
+                self.writer_waiting.push_front(op);
+                break;
+            }
+        }
+    }
+
     fn dispatch(&mut self, conn_id: ConnId, request: Request, now_ms: u64) {
         match request {
             Request::Login {
@@ -292,7 +332,7 @@ impl Shard {
                 };
                 // The cursor is advisory (the device keeps its own last seq), so a full writer
                 // queue drops this one; the next ack carries a higher seq anyway.
-                let _ = self.ctx.writer.try_submit(WriteOp::DeviceAck {
+                let _ = self.hand_to_writer(WriteOp::DeviceAck {
                     user: identity.user,
                     device: identity.device,
                     up_to_seq,
@@ -459,7 +499,7 @@ impl Shard {
             text,
             sent_at_ms: wall_clock_ms(),
         };
-        let submitted = self.ctx.writer.try_submit(op);
+        let submitted = self.hand_to_writer(op);
         let conn = self.conn_mut(conn_id).expect("looked up above");
         match submitted {
             Ok(()) => conn.inflight += 1,
@@ -680,6 +720,7 @@ impl Handler for Shard {
             self.kick(shard, conn);
         }
         self.retry_ephemeral();
+        self.drain_writer_waiting();
         let mailboxes = self.ctx.mailboxes.clone();
         let mailbox = &mailboxes[self.id.0 as usize];
         // Bounded: at most what was queued when the turn began, so a busy writer cannot
@@ -722,7 +763,10 @@ impl Handler for Shard {
         if self.ctx.stop.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
         }
-        if !self.kicks_pending.is_empty() || !self.ephemeral_pending.is_empty() {
+        if !self.kicks_pending.is_empty()
+            || !self.ephemeral_pending.is_empty()
+            || !self.writer_waiting.is_empty()
+        {
             return Some(Duration::from_millis(1));
         }
         self.wheel.timeout_ms(now_ms).map(Duration::from_millis)

@@ -80,9 +80,9 @@ impl Shard {
             self.mark_dirty(conn_id);
             return;
         }
-        let writer = self.ctx.writer.clone();
+        let submitted = self.hand_to_writer(op);
         let conn = self.conn_mut(conn_id).expect("looked up above");
-        match writer.try_submit(op) {
+        match submitted {
             Ok(()) => conn.inflight += 1,
             Err(_) => {
                 conn.reply_error(request_id, ErrorCode::Busy, "store queue full; retry later");

@@ -12,7 +12,7 @@ use super::conversations::{self, NoteKind};
 use super::files::{self, FileCommitFields, FileSendFields};
 use super::groups::{self, GroupOpFields, GroupSendFields};
 use super::journal::{Journal, LoggedEntry};
-use super::schema::{self, Dbs, DedupEntry, DeviceKey, META_NEXT_MSG_ID};
+use super::schema::{self, Dbs, DedupEntry, DeviceKey};
 use super::writer::{Delivery, OpResult, Origin, WriteOp};
 use super::{Store, StoreError};
 use crate::ids::UserId;
@@ -316,11 +316,22 @@ fn archive_message(msg_id: u64, send: &mut SendFields<'_>) -> Result<Vec<u8>, St
     archived.map_err(|_| StoreError::InvalidArgument("message too large to archive"))
 }
 
-/// Takes the next message id (records share the id space of messages).
-pub(super) fn next_msg_id(txn: &mut RwTxn, dbs: &Dbs) -> Result<u64, StoreError> {
-    let msg_id = schema::counter_next(txn, dbs, META_NEXT_MSG_ID)?;
-    schema::counter_set(txn, dbs, META_NEXT_MSG_ID, msg_id + 1)?;
-    Ok(msg_id)
+/// The next message id (records share the id space of messages): one past the last key of
+/// `messages`, which is where every id lives and only grows. Reading it from the tail page
+/// (which the commit rewrites anyway) instead of a counter keeps the meta page out of each
+/// commit. The caller stores the new entry under this id before asking again.
+pub(super) fn next_msg_id(txn: &RwTxn, dbs: &Dbs) -> Result<u64, StoreError> {
+    let last = dbs
+        .messages
+        .last(txn)
+        .map_err(StoreError::lmdb("read last message id"))?;
+    let next = match last {
+        None => 1,
+        Some((key, _)) => schema::decode_u64(key, "message key length")?
+            .checked_add(1)
+            .ok_or(StoreError::Corrupt("message ids exhausted"))?,
+    };
+    Ok(next)
 }
 
 /// Stores the bytes of a new message or record under `msg_id`.

@@ -36,8 +36,8 @@ pub use error::StoreError;
 pub use files::{FileMeta, blob_path, upload_path};
 pub use read::ReadView;
 pub use writer::{
-    CommitSink, Delivery, FileSendOp, OpResult, Origin, Reply, WriteOp, WriterHandle, WriterStats,
-    apply_batch, spawn_writer,
+    CommitSink, Delivery, FileSendOp, OpResult, Origin, Reply, WriteOp, WriterCounters,
+    WriterHandle, WriterStats, apply_batch, spawn_writer,
 };
 
 use crate::ids::UserId;
@@ -111,6 +111,7 @@ struct StoreInner {
     journal_interval_ms: u64,
     /// Users with journal entries the derived tables do not show yet (`journal.rs`).
     pending: Arc<journal::PendingUsers>,
+    counters: WriterCounters,
 }
 
 // Shards and the writer share the store across threads.
@@ -165,6 +166,7 @@ impl Store {
                 durability: config.durability,
                 journal_interval_ms: config.journal_interval_ms,
                 pending: Arc::new(journal::PendingUsers::new()),
+                counters: WriterCounters::default(),
             }),
         })
     }
@@ -246,6 +248,11 @@ impl Store {
     /// so far.
     pub fn derived_pending(&self, user: UserId) -> bool {
         self.inner.pending.contains(user)
+    }
+
+    /// What the writer thread has done so far.
+    pub fn writer_counters(&self) -> &WriterCounters {
+        &self.inner.counters
     }
 
     /// See `StoreConfig::journal_interval_ms`.

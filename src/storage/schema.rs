@@ -69,7 +69,6 @@ pub(crate) const DATABASES_MAX: u32 = 24;
 
 pub(crate) const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub(crate) const META_NEXT_USER_ID: &[u8] = b"next_user_id";
-pub(crate) const META_NEXT_MSG_ID: &[u8] = b"next_msg_id";
 pub(crate) const META_NEXT_GROUP_ID: &[u8] = b"next_group_id";
 pub(crate) const META_NEXT_FILE_ID: &[u8] = b"next_file_id";
 /// Bytes of files the node stores (u64; absent: 0).

@@ -18,6 +18,7 @@
 //! must not acknowledge anything before its transaction committed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -215,6 +216,35 @@ pub struct WriterStats {
     pub applies: u64,
 }
 
+/// The writer's running counters, readable from any thread while it runs (`tern serve`'s
+/// stats line). Relaxed atomics: each is exact, the set is not one snapshot.
+#[derive(Debug, Default)]
+pub struct WriterCounters {
+    /// Write transactions committed.
+    pub commits: AtomicU64,
+    /// Ops taken from the queue.
+    pub ops: AtomicU64,
+    /// Commits that applied the journal.
+    pub applies: AtomicU64,
+    /// Placements (entry × timeline) applied to the derived tables.
+    pub placements_applied: AtomicU64,
+    /// Bytes the writer thread made the kernel write (`/proc/thread-self/io`
+    /// `write_bytes`) in commits that applied the journal, and in the others.
+    pub apply_write_bytes: AtomicU64,
+    pub log_write_bytes: AtomicU64,
+}
+
+/// `write_bytes` of the calling thread so far, 0 where the kernel does not say.
+fn thread_write_bytes() -> u64 {
+    let Ok(io) = std::fs::read_to_string("/proc/thread-self/io") else {
+        return 0;
+    };
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Submits ops to the writer. The writer exits once every handle is dropped and the queue
 /// is drained.
 #[derive(Clone)]
@@ -253,6 +283,7 @@ pub fn spawn_writer(
         deliveries: Vec::with_capacity(2 * WRITER_BATCH_MAX),
         stats: WriterStats::default(),
         full_reported: false,
+        write_bytes_seen: 0,
     };
     let thread = std::thread::Builder::new()
         // Linux keeps 15 bytes of a thread name; this one fits whole in `top -H`.
@@ -283,9 +314,15 @@ pub fn apply_batch(
     let mut journal = Journal::new(store.pending_users());
     journal.reload(store)?;
     let when = apply_when(store, &journal);
+    let counters = store.writer_counters();
     if apply::in_one_txn(store, &mut journal, when, ops, results, deliveries)? {
+        counters.applies.fetch_add(1, Ordering::Relaxed);
+        counters
+            .placements_applied
+            .fetch_add(journal.placements() as u64, Ordering::Relaxed);
         journal.applied();
     }
+    counters.commits.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
@@ -315,6 +352,8 @@ struct Writer<S> {
     /// A full map was reported on stderr and nothing has committed since: don't repeat it
     /// for every op that follows.
     full_reported: bool,
+    /// This thread's `write_bytes` after the last transaction.
+    write_bytes_seen: u64,
 }
 
 impl<S: CommitSink> Writer<S> {
@@ -387,14 +426,30 @@ impl<S: CommitSink> Writer<S> {
     /// Brings the journal's memory in step with what the transaction did: fully applied,
     /// still pending, or (failed) what the committed journal says.
     fn after_txn(&mut self, outcome: Result<bool, StoreError>) -> Result<(), StoreError> {
+        let written = thread_write_bytes();
+        let delta = written.saturating_sub(self.write_bytes_seen);
+        self.write_bytes_seen = written;
+        let counters = self.store.writer_counters();
+        match &outcome {
+            Ok(true) => counters
+                .apply_write_bytes
+                .fetch_add(delta, Ordering::Relaxed),
+            _ => counters.log_write_bytes.fetch_add(delta, Ordering::Relaxed),
+        };
         match outcome {
             Ok(true) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                counters.applies.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .placements_applied
+                    .fetch_add(self.journal.placements() as u64, Ordering::Relaxed);
                 self.stats.applies += 1;
                 self.journal.applied();
                 self.full_reported = false;
                 Ok(())
             }
             Ok(false) => {
+                counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.full_reported = false;
                 Ok(())
             }
@@ -416,6 +471,10 @@ impl<S: CommitSink> Writer<S> {
         assert!(self.deliveries.is_empty());
         self.stats.batches += 1;
         self.stats.ops += self.batch.len() as u64;
+        self.store
+            .writer_counters()
+            .ops
+            .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
         self.drop_invalid_ops();
         if self.batch.is_empty() {
             return;
