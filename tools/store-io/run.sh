@@ -77,6 +77,7 @@ print(f"round {rnd} journal-interval-ms {interval:>5}: acked {m['acked']} "
       f"({m['acked_per_second']:.0f}/s) lost {m['lost']} dup {m['duplicated']} | "
       f"write_bytes/msg {(int(b1) - int(b0)) / acked:.0f} B | "
       f"store growth/msg {(int(s1) - int(s0)) / acked:.0f} B | "
+      f"e2e p50/p99 {r['latency_ms']['e2e']['p50']:.1f}/{r['latency_ms']['e2e']['p99']:.1f} ms | "
       f"commits {commits} ({acked / max(int(commits), 1):.1f} msg, "
       f"{(int(b1) - int(b0)) / max(int(commits), 1) / 1024:.1f} KiB each) | cpu s: {threads}")
 PY
