@@ -109,7 +109,7 @@ pub const JOURNAL_APPLY_INTERVAL_MS: u64 = 1_000;
 /// the end of the batch, whatever their age. Bounds the writer's memory of unapplied
 /// entries (a head per user, a dedup entry per send: ≲ 64 B per placement, 2 MiB) and the
 /// length of one apply.
-pub const JOURNAL_PLACEMENTS_PENDING_MAX: usize = 128 * 1024;
+pub const JOURNAL_PLACEMENTS_PENDING_MAX: usize = 32 * 1024;
 /// Placements of one logged entry: a group message goes to every member.
 pub const JOURNAL_PLACEMENTS_MAX: usize = GROUP_MEMBERS_MAX;
 /// Bits of the map of users with unapplied entries, shared by the writer and the shards

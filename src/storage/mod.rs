@@ -37,7 +37,7 @@ pub use files::{FileMeta, blob_path, upload_path};
 pub use read::ReadView;
 pub use writer::{
     CommitSink, Delivery, FileSendOp, OpResult, Origin, Reply, WriteOp, WriterCounters,
-    WriterHandle, WriterStats, apply_batch, spawn_writer,
+    WriterHandle, WriterStats, apply_batch, log_batch, spawn_writer,
 };
 
 use crate::ids::UserId;

@@ -1262,7 +1262,7 @@ fn a_journal_left_by_a_crash_is_applied_at_start() {
             })
             .collect();
         let (mut results, mut deliveries) = (Vec::new(), Vec::new());
-        apply_batch(&store, &mut ops, &mut results, &mut deliveries).unwrap();
+        log_batch(&store, &mut ops, &mut results, &mut deliveries).unwrap();
         for result in results {
             match result {
                 OpResult::SendAcked { ack, .. } => acked.push(ack),

@@ -292,16 +292,15 @@ pub fn spawn_writer(
     Ok((WriterHandle { queue }, thread))
 }
 
-/// Applies `ops` in one write transaction and commits it on the calling thread, exactly as
-/// the writer thread applies one batch (without its per-op retry after a failure). On success
+/// Applies `ops` in one write transaction and commits it on the calling thread, as the
+/// writer thread applies one batch whose journal is due: the entries are logged and the
+/// journal (with any leftover from before) is applied in the same transaction, so the
+/// derived tables are complete when it returns. No per-op retry after a failure. On success
 /// `results` and `deliveries` hold what the ops produced; on error nothing was committed.
 ///
 /// For benches and tools that measure the batch path without a thread in between. A running
 /// node writes only through `spawn_writer`: two writers on one store would serialise on
-/// LMDB's writer lock and break the writer's batching.
-///
-/// The journal's memory is rebuilt from the store on each call, and the batch applies the
-/// journal at its end when it is due, as the writer would.
+/// LMDB's writer lock and break the writer's batching and its memory of the journal.
 pub fn apply_batch(
     store: &Store,
     ops: &mut [WriteOp],
@@ -313,16 +312,55 @@ pub fn apply_batch(
     }
     let mut journal = Journal::new(store.pending_users());
     journal.reload(store)?;
-    let when = apply_when(store, &journal);
     let counters = store.writer_counters();
-    if apply::in_one_txn(store, &mut journal, when, ops, results, deliveries)? {
+    let applied = apply::in_one_txn(
+        store,
+        &mut journal,
+        ApplyJournal::AtEnd,
+        ops,
+        results,
+        deliveries,
+    )?;
+    counters.commits.fetch_add(1, Ordering::Relaxed);
+    if applied {
         counters.applies.fetch_add(1, Ordering::Relaxed);
         counters
             .placements_applied
             .fetch_add(journal.placements() as u64, Ordering::Relaxed);
         journal.applied();
     }
+    Ok(())
+}
+
+/// Logs `ops` in one write transaction and commits it without applying the journal, as the
+/// writer thread does between applies; the derived tables do not show the entries until a
+/// later `apply_batch` or a writer's start applies them. Same uses and rules as
+/// `apply_batch`; for benches and tools that measure the ack commit alone.
+pub fn log_batch(
+    store: &Store,
+    ops: &mut [WriteOp],
+    results: &mut Vec<OpResult>,
+    deliveries: &mut Vec<Delivery>,
+) -> Result<(), StoreError> {
+    for op in ops.iter() {
+        apply::check(op)?;
+    }
+    let mut journal = Journal::new(store.pending_users());
+    journal.reload(store)?;
+    let counters = store.writer_counters();
+    let applied = apply::in_one_txn(
+        store,
+        &mut journal,
+        ApplyJournal::WhenNeeded,
+        ops,
+        results,
+        deliveries,
+    )?;
     counters.commits.fetch_add(1, Ordering::Relaxed);
+    if applied {
+        counters.applies.fetch_add(1, Ordering::Relaxed);
+        journal.applied();
+    }
     Ok(())
 }
 

@@ -2,12 +2,15 @@
 //! of 1:1 sends between random pairs of `USERS` users applied with `apply_batch` on one
 //! thread, and this thread's `/proc/thread-self/io` `write_bytes` read around each commit.
 //!
-//! usage: cargo run --release --example commit-bytes -- [users] [batch] [batches] [interval_ms]
+//! Every `apply_every`-th batch also applies the journal (as the writer does when the
+//! journal is due); the others only log.
+//!
+//! usage: cargo run --release --example commit-bytes -- [users] [batch] [batches] [apply_every]
 
 use std::time::Instant;
 
 use tern::ids::{ConnId, ShardId, UserId};
-use tern::storage::{Durability, Origin, Store, StoreConfig, WriteOp, apply_batch};
+use tern::storage::{Durability, Origin, Store, StoreConfig, WriteOp, apply_batch, log_batch};
 
 fn thread_write_bytes() -> u64 {
     std::fs::read_to_string("/proc/thread-self/io")
@@ -28,7 +31,7 @@ fn main() {
     let users = *args.first().unwrap_or(&2000);
     let batch = *args.get(1).unwrap_or(&190);
     let batches = *args.get(2).unwrap_or(&400);
-    let interval_ms = *args.get(3).unwrap_or(&1000);
+    let apply_every = (*args.get(3).unwrap_or(&50)).max(1);
     let dir = tempfile::Builder::new()
         .prefix("tern-commit-bytes-")
         .tempdir_in("/var/tmp")
@@ -36,7 +39,7 @@ fn main() {
     let config = StoreConfig {
         map_size: 4 << 30,
         durability: Durability::Fsync,
-        journal_interval_ms: interval_ms,
+        ..StoreConfig::default()
     };
     let store = Store::open(dir.path(), &config).expect("open");
     let ids: Vec<UserId> = (0..users)
@@ -55,6 +58,7 @@ fn main() {
     };
     let (mut results, mut deliveries) = (Vec::new(), Vec::new());
     let (mut log, mut apply) = ((0u64, 0u64), (0u64, 0u64));
+    let mut apply_ms_max = 0f64;
     let counters = store.writer_counters();
     let started = Instant::now();
     for b in 0..batches {
@@ -83,25 +87,35 @@ fn main() {
             .collect();
         let applies_before = counters.applies.load(std::sync::atomic::Ordering::Relaxed);
         let before = thread_write_bytes();
-        apply_batch(&store, &mut ops, &mut results, &mut deliveries).expect("batch");
+        let commit_started = Instant::now();
+        if (b + 1) % apply_every == 0 {
+            apply_batch(&store, &mut ops, &mut results, &mut deliveries).expect("batch");
+        } else {
+            log_batch(&store, &mut ops, &mut results, &mut deliveries).expect("batch");
+        }
+        let commit_ms = commit_started.elapsed().as_secs_f64() * 1e3;
         let written = thread_write_bytes() - before;
         results.clear();
         deliveries.clear();
         let applied = counters.applies.load(std::sync::atomic::Ordering::Relaxed) > applies_before;
+        if applied {
+            apply_ms_max = apply_ms_max.max(commit_ms);
+        }
         let slot = if applied { &mut apply } else { &mut log };
         slot.0 += 1;
         slot.1 += written;
     }
     let messages = batches * batch;
     println!(
-        "users {users} batch {batch} batches {batches} interval {interval_ms} ms: {:.1} s; \
+        "users {users} batch {batch} batches {batches} apply every {apply_every}: {:.1} s; \
          log commits {} at {:.1} KiB each; applying commits {} at {:.1} KiB each; \
-         {:.0} B per message",
+         {:.0} B per message; longest applying commit {:.0} ms",
         started.elapsed().as_secs_f64(),
         log.0,
         log.1 as f64 / log.0.max(1) as f64 / 1024.0,
         apply.0,
         apply.1 as f64 / apply.0.max(1) as f64 / 1024.0,
-        (log.1 + apply.1) as f64 / messages as f64
+        (log.1 + apply.1) as f64 / messages as f64,
+        apply_ms_max
     );
 }
