@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// Password of the load users (provisioned with it; used when no token can be minted).
     #[arg(long, default_value = "load-password")]
     pub password: String,
+    /// Seconds per interval of the report's `throughput.intervals` (acked msg/s and store
+    /// size per interval of the sending window), to see whether throughput holds as the
+    /// store grows in a long run.
+    #[arg(long, default_value_t = 60.0)]
+    pub interval: f64,
     /// Longest wait for the outboxes to drain and for the final sync, each, in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout: f64,

@@ -68,6 +68,9 @@ pub struct Counts {
     pub logins: u64,
     pub flaps: u64,
     pub background_cycles: u64,
+    /// Sends the node answered with `busy` (each is retried after a pause, so the same
+    /// message may count more than once).
+    pub busy: u64,
 }
 
 impl Counts {
@@ -80,6 +83,7 @@ impl Counts {
         self.logins += o.logins;
         self.flaps += o.flaps;
         self.background_cycles += o.background_cycles;
+        self.busy += o.busy;
     }
 
     fn minus(&self, o: &Counts) -> Counts {
@@ -92,6 +96,7 @@ impl Counts {
             logins: self.logins - o.logins,
             flaps: self.flaps - o.flaps,
             background_cycles: self.background_cycles - o.background_cycles,
+            busy: self.busy - o.busy,
         }
     }
 }
@@ -1132,6 +1137,7 @@ impl ClientThread {
             .iter()
             .filter(|c| c.session.is_established())
             .count() as u64;
+        self.count_busy();
         let delta = self.counts.minus(&self.counts_ticked);
         self.counts_ticked = self.counts;
         let hists = std::mem::take(&mut self.interval);
@@ -1170,8 +1176,14 @@ impl ClientThread {
         }
     }
 
+    /// Brings `counts.busy` up to date: the sessions count `busy` answers to 1:1 sends.
+    fn count_busy(&mut self) {
+        self.counts.busy = self.clients.iter().map(|c| c.session.busy_answers()).sum();
+    }
+
     fn outcome(&mut self) -> ThreadOutcome {
         // The last partial second.
+        self.count_busy();
         let delta = self.counts.minus(&self.counts_ticked);
         let connected = self
             .clients
