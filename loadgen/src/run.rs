@@ -430,6 +430,7 @@ fn run_with_node(
     let mut counts = Counts::default();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let (mut clients_total, mut clients_connected, mut unacked) = (0, 0, 0);
+    let mut groups = 0;
     let mut worker_cpu = 0.0;
     let (mut drain_seconds, mut final_sync_seconds) = (0.0f64, 0.0f64);
     for (p, result) in results.into_iter().enumerate() {
@@ -442,6 +443,7 @@ fn run_with_node(
                     *errors.entry(k).or_insert(0) += v;
                 }
                 clients_total += r.clients;
+                groups += r.groups;
                 clients_connected += r.clients_connected;
                 unacked += r.unacked;
                 worker_cpu += r.cpu_seconds;
@@ -504,6 +506,7 @@ fn run_with_node(
             "users": users,
             "clients": users * args.devices,
             "processes": processes,
+            "groups": groups,
             "threads_per_process": threads,
             "server": server.to_string(),
             "node": if node.is_some() { "spawned" } else { "given" },

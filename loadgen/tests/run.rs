@@ -270,6 +270,45 @@ fn a_node_killed_at_window_16_loses_and_duplicates_nothing() {
     assert!(page.contains("node storage"));
 }
 
+/// Real groups: 60 users in 12 groups of 5, two devices each, with flaps so group sends
+/// are resent on new connections. Every group message reaches every device of every
+/// member of its group (the sender's included) exactly once, in order.
+#[test]
+fn group_messages_reach_every_member_device_exactly_once() {
+    let (output, report, _) = run_loadgen(&[
+        "--clients",
+        "120",
+        "--devices",
+        "2",
+        "--pattern",
+        "group:5",
+        "--window",
+        "4",
+        "--duration",
+        "3",
+        "--heartbeat",
+        "0.5",
+        "--flap",
+        "300",
+        "--durability",
+        "none",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(int(&report, "config.groups"), 12);
+    let acked = int(&report, "messages.acked");
+    assert!(acked > 0);
+    assert_eq!(int(&report, "messages.sent"), acked);
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    assert_eq!(int(&report, "messages.out_of_order"), 0);
+    assert_eq!(int(&report, "verification.devices_unverified"), 0);
+    assert_eq!(int(&report, "messages.delivered"), acked * 5 * 2);
+    assert!(
+        int(&report, "events.flaps") > 0,
+        "the flap knob did nothing"
+    );
+}
+
 #[test]
 fn worker_processes_merge_into_one_report() {
     let (output, report, _) = run_loadgen(&[
