@@ -133,6 +133,9 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, String> {
         if let Some(shards) = args.node_shards {
             extra.extend(["--shards".to_owned(), shards.to_string()]);
         }
+        if let Some(mib) = args.node_map_size_mib {
+            extra.extend(["--map-size-mib".to_owned(), mib.to_string()]);
+        }
         let spawned = SpawnedNode::start(&bin, extra)?;
         let out = (
             spawned.addr,

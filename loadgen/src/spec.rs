@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// --shards of the spawned node (default: its own, one per core).
     #[arg(long)]
     pub node_shards: Option<u32>,
+    /// --map-size-mib of the spawned node (LMDB map size; default: the node's own). A long
+    /// closed-loop run can outgrow the default.
+    #[arg(long)]
+    pub node_map_size_mib: Option<u64>,
     /// Pid of the --server node, to sample its RSS and CPU.
     #[arg(long)]
     pub node_pid: Option<u32>,
