@@ -434,6 +434,7 @@ fn run_with_node(
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let (mut clients_total, mut clients_connected, mut unacked) = (0, 0, 0);
     let mut groups = 0;
+    let mut group_setup_seconds = 0.0f64;
     let mut worker_cpu = 0.0;
     let (mut drain_seconds, mut final_sync_seconds) = (0.0f64, 0.0f64);
     for (p, result) in results.into_iter().enumerate() {
@@ -447,6 +448,7 @@ fn run_with_node(
                 }
                 clients_total += r.clients;
                 groups += r.groups;
+                group_setup_seconds = group_setup_seconds.max(r.group_setup_seconds);
                 clients_connected += r.clients_connected;
                 unacked += r.unacked;
                 worker_cpu += r.cpu_seconds;
@@ -578,6 +580,7 @@ fn run_with_node(
         "errors": errors,
         "phases": {
             "provision_seconds": provision_seconds,
+            "group_setup_seconds": group_setup_seconds,
             "ramp_seconds": ramp_seconds,
             "run_seconds": args.duration,
             "drain_seconds": drain_seconds,

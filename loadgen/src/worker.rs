@@ -133,6 +133,8 @@ pub struct WorkerResult {
     pub clients: u64,
     /// Groups created for a `group:K` run.
     pub groups: u64,
+    /// Time taken to create them, before this process's clients started.
+    pub group_setup_seconds: f64,
     /// Clients that logged in at least once.
     pub clients_connected: u64,
     pub counts: Counts,
@@ -220,7 +222,9 @@ fn run_process_inner(
         threads: (0..threads).map(|_| AtomicU8::new(THREAD_BUSY)).collect(),
     });
     let tokens = mint_tokens(&spec)?;
+    let setup_started = Instant::now();
     let groups = Arc::new(create_groups(&spec, &tokens)?);
+    let group_setup_seconds = setup_started.elapsed().as_secs_f64();
     let epoch = Instant::now();
     let (tick_tx, tick_rx) = mpsc::channel::<ThreadTick>();
     let mut handles = Vec::new();
@@ -325,6 +329,7 @@ fn run_process_inner(
     Ok(WorkerResult {
         clients: logs.len() as u64,
         groups: groups.ids.len() as u64,
+        group_setup_seconds,
         clients_connected,
         counts,
         verdict,
