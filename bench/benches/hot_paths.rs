@@ -13,9 +13,9 @@ use std::time::Duration;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tern::storage::Durability;
 use tern_bench::{
-    IDLE_TIMEOUT_TICKS, NodeFixture, StoreFixture, TEXT_SIZES, WHEEL_CONNECTIONS, empty_wheel,
-    encode_send, full_wheel, send_request, sync_page, text, validate_send, wheel_advance,
-    wheel_insert, wheel_mid_timeout,
+    IDLE_TIMEOUT_TICKS, NodeFixture, StoreFixture, TEXT_SIZES, WHEEL_CONNECTIONS,
+    WRITE_PATH_BATCHES, WRITE_PATH_TEXT_LEN, empty_wheel, encode_send, full_wheel, send_request,
+    sync_page, text, validate_send, wheel_advance, wheel_insert, wheel_mid_timeout,
 };
 
 /// Where the store benches put their files: tmpfs and a real disk.
@@ -73,6 +73,38 @@ fn store_batch(c: &mut Criterion) {
                     BatchSize::PerIteration,
                 )
             });
+        }
+    }
+    group.finish();
+}
+
+/// The store write path: a batch of N sends from N distinct users (pairs writing to each
+/// other) applied and committed with `storage::apply_batch`, as the writer does for one
+/// group commit. Unlike `store_batch` (two users), every send touches timelines of its own.
+fn write_path(c: &mut Criterion) {
+    let mut group = c.benchmark_group("write_path");
+    group.sample_size(20);
+    for (place, dir) in store_places() {
+        let fixture = RefCell::new(StoreFixture::write_path(&dir, Durability::Fsync));
+        for n in WRITE_PATH_BATCHES {
+            group.throughput(Throughput::Elements(n as u64));
+            group.bench_function(
+                BenchmarkId::new(format!("distinct_users/{place}"), n),
+                |b| {
+                    b.iter_batched_ref(
+                        || {
+                            fixture
+                                .borrow()
+                                .sends_from_distinct_users(n, WRITE_PATH_TEXT_LEN)
+                        },
+                        |ops| {
+                            let acked = fixture.borrow_mut().apply_acked(ops);
+                            assert_eq!(acked, n, "every send of the batch is committed");
+                        },
+                        BatchSize::PerIteration,
+                    )
+                },
+            );
         }
     }
     group.finish();
@@ -154,6 +186,7 @@ criterion_group!(
     benches,
     codec,
     store_batch,
+    write_path,
     sync_read,
     timer_wheel,
     end_to_end

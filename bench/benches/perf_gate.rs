@@ -11,15 +11,16 @@
 //! the count telling more.
 
 use std::hint::black_box;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use gungraun::prelude::*;
 use tern::ids::ConnId;
 use tern::shard::timer_wheel::TimerWheel;
 use tern::storage::{Durability, WriteOp};
 use tern_bench::{
-    IDLE_TIMEOUT_TICKS, StoreFixture, WHEEL_CONNECTIONS, empty_wheel, encode_send, full_wheel,
-    send_request, sync_page, validate_send, wheel_advance, wheel_insert, wheel_mid_timeout,
+    IDLE_TIMEOUT_TICKS, StoreFixture, WHEEL_CONNECTIONS, WRITE_PATH_TEXT_LEN, empty_wheel,
+    encode_send, full_wheel, send_request, sync_page, validate_send, wheel_advance, wheel_insert,
+    wheel_mid_timeout,
 };
 
 fn encode_input(text_len: usize) -> (tern::protocol::Send, Vec<u8>) {
@@ -53,16 +54,20 @@ fn validate_send_frame(frame: Vec<u8>) -> usize {
     send.text.len()
 }
 
-/// A fresh store on tmpfs and `n` sends to apply. No fsync: its cost is in the kernel,
-/// which callgrind does not count, and tmpfs keeps valgrind's wall time down.
-fn store_with_sends(n: usize) -> (StoreFixture, Vec<WriteOp>) {
+/// Where the gated stores live: tmpfs when there is one.
+fn bench_parent() -> PathBuf {
     let shm = Path::new("/dev/shm");
-    let parent = if shm.is_dir() {
+    if shm.is_dir() {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()
-    };
-    let fixture = StoreFixture::new(&parent, Durability::None);
+    }
+}
+
+/// A fresh store on tmpfs and `n` sends to apply. No fsync: its cost is in the kernel,
+/// which callgrind does not count, and tmpfs keeps valgrind's wall time down.
+fn store_with_sends(n: usize) -> (StoreFixture, Vec<WriteOp>) {
+    let fixture = StoreFixture::new(&bench_parent(), Durability::None);
     // A timeline that already holds entries, as on a node that has run a while.
     fixture_prefill(&fixture);
     let ops = fixture.sends(n, 64);
@@ -85,6 +90,24 @@ fn store_batch(input: (StoreFixture, Vec<WriteOp>)) -> StoreFixture {
     let (mut fixture, mut ops) = input;
     let entries = fixture.apply(black_box(&mut ops));
     assert_eq!(entries, 2 * ops.len());
+    fixture
+}
+
+/// The write-path fixture on tmpfs without fsync, and a batch of `n` sends from `n`
+/// distinct users.
+fn write_path_batch(n: usize) -> (StoreFixture, Vec<WriteOp>) {
+    let fixture = StoreFixture::write_path(&bench_parent(), Durability::None);
+    let ops = fixture.sends_from_distinct_users(n, WRITE_PATH_TEXT_LEN);
+    (fixture, ops)
+}
+
+#[library_benchmark]
+#[bench::n64(write_path_batch(64))]
+#[bench::n1024(write_path_batch(1024))]
+fn write_batch_distinct_users(input: (StoreFixture, Vec<WriteOp>)) -> StoreFixture {
+    let (mut fixture, mut ops) = input;
+    let acked = fixture.apply_acked(black_box(&mut ops));
+    assert_eq!(acked, ops.len());
     fixture
 }
 
@@ -141,7 +164,10 @@ library_benchmark_group!(
     benchmarks = [encode_send_frame, validate_send_frame]
 );
 
-library_benchmark_group!(name = storage, benchmarks = [store_batch, sync_read]);
+library_benchmark_group!(
+    name = storage,
+    benchmarks = [store_batch, write_batch_distinct_users, sync_read]
+);
 
 library_benchmark_group!(
     name = timers,

@@ -39,6 +39,24 @@ const BENCH_MAP_SIZE: usize = 1 << 30;
 /// A password hash is only stored, never verified, in the store benches.
 const BENCH_PASSWORD_HASH: &str = "bench-not-a-hash";
 
+/// Name prefix of the users made by `StoreFixture::add_senders`.
+const SENDER_PREFIX: &str = "sender-";
+
+/// Text size of the write-path bench's messages: the load generator's `--size 100..100`,
+/// the workload the store's bytes per message are measured with.
+pub const WRITE_PATH_TEXT_LEN: usize = 100;
+
+/// Batch sizes of the write-path bench: a quiet node's batch, and the writer's largest
+/// (`WRITER_BATCH_MAX`), which a node under load fills.
+pub const WRITE_PATH_BATCHES: [usize; 2] = [64, tern::limits::WRITER_BATCH_MAX];
+
+/// Users of the write-path fixture: one per send of the largest batch.
+pub const WRITE_PATH_USERS: usize = tern::limits::WRITER_BATCH_MAX;
+
+/// Batches of the write-path fixture applied before measuring, so every user's timeline
+/// and conversation already hold entries, as on a node that has run a while.
+pub const WRITE_PATH_PREFILL_BATCHES: usize = 2;
+
 /// SplitMix64: a fixed-seed generator with no state beyond one u64.
 struct SplitMix64(u64);
 
@@ -89,6 +107,8 @@ pub struct StoreFixture {
     pub store: Store,
     pub alice: UserId,
     pub bob: UserId,
+    /// Users `sender-0 …` made by `add_senders`; empty until then.
+    pub senders: Vec<UserId>,
     /// Counts every op made, so each send has a fresh client message id and timestamp.
     ops_made: Cell<u64>,
     results: Vec<OpResult>,
@@ -115,6 +135,7 @@ impl StoreFixture {
             store,
             alice,
             bob,
+            senders: Vec::new(),
             ops_made: Cell::new(0),
             results: Vec::new(),
             deliveries: Vec::new(),
@@ -154,6 +175,78 @@ impl StoreFixture {
                 }
             })
             .collect()
+    }
+
+    /// Makes `count` more users (`sender-0 …`, in one write transaction) for
+    /// `sends_from_distinct_users`.
+    pub fn add_senders(&mut self, count: usize) {
+        let bulk = self
+            .store
+            .add_users_bulk(SENDER_PREFIX, 0, count as u64, BENCH_PASSWORD_HASH)
+            .expect("add senders");
+        assert_eq!(bulk.ids.len(), count);
+        self.senders = bulk.ids;
+    }
+
+    /// `n` sends (even, at most `senders.len()`), one from each of the first `n` senders:
+    /// sender 2k writes to 2k+1 and 2k+1 to 2k (the load generator's `pairs`), so a
+    /// batch touches `n` timelines spread over the store rather than two. Fresh client
+    /// message ids, so none is taken for a resend.
+    pub fn sends_from_distinct_users(&self, n: usize, text_len: usize) -> Vec<WriteOp> {
+        assert!(n.is_multiple_of(2), "senders come in pairs");
+        assert!(n <= self.senders.len(), "add_senders({n}) first");
+        let body = text(text_len);
+        (0..n)
+            .map(|i| {
+                let made = self.ops_made.get() + 1;
+                self.ops_made.set(made);
+                WriteOp::Send {
+                    origin: Origin {
+                        shard: ShardId(0),
+                        conn: ConnId {
+                            index: i as u32,
+                            generation: 0,
+                        },
+                        request_id: made as u32,
+                    },
+                    from: self.senders[i],
+                    from_name: format!("{SENDER_PREFIX}{i}"),
+                    to: self.senders[i ^ 1],
+                    to_name: format!("{SENDER_PREFIX}{}", i ^ 1),
+                    client_msg_id: made,
+                    text: body.clone(),
+                    sent_at_ms: 1_700_000_000_000 + made,
+                }
+            })
+            .collect()
+    }
+
+    /// Applies `ops` as one writer batch through `storage::apply_batch` and returns how many
+    /// sends it acknowledged: an acknowledged send is durable (committed), whatever the
+    /// store derives from it now or later, so this counts what the batch committed without
+    /// assuming how the store lays it out.
+    pub fn apply_acked(&mut self, ops: &mut [WriteOp]) -> usize {
+        self.results.clear();
+        self.deliveries.clear();
+        apply_batch(&self.store, ops, &mut self.results, &mut self.deliveries)
+            .expect("apply bench batch");
+        assert_eq!(self.results.len(), ops.len());
+        self.results
+            .iter()
+            .filter(|r| matches!(r, OpResult::SendAcked { .. }))
+            .count()
+    }
+
+    /// A write-path fixture: `WRITE_PATH_USERS` senders whose timelines already hold
+    /// `WRITE_PATH_PREFILL_BATCHES` batches of their pairs' messages.
+    pub fn write_path(parent: &Path, durability: Durability) -> StoreFixture {
+        let mut fixture = StoreFixture::new(parent, durability);
+        fixture.add_senders(WRITE_PATH_USERS);
+        for _ in 0..WRITE_PATH_PREFILL_BATCHES {
+            let mut ops = fixture.sends_from_distinct_users(WRITE_PATH_USERS, WRITE_PATH_TEXT_LEN);
+            assert_eq!(fixture.apply_acked(&mut ops), WRITE_PATH_USERS);
+        }
+        fixture
     }
 
     /// Applies `ops` as one writer batch (one transaction, one commit) and returns the

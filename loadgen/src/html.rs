@@ -202,6 +202,7 @@ pub fn run_page(report: &Value) -> String {
         ("out of order", "out_of_order"),
         ("unacknowledged at end", "unacked_at_end"),
         ("acked per second", "acked_per_second"),
+        ("answered busy (retried)", "busy_rejections"),
     ] {
         body.push_str(&format!("<tr><td>{label}</td><td>{}</td></tr>", f(&m[key])));
     }
@@ -227,6 +228,9 @@ pub fn run_page(report: &Value) -> String {
         f(&report["loadgen"]["cpu_seconds"]),
         f(&s["restarts"]),
     ));
+    body.push_str(&storage_table(s));
+    body.push_str(&threads_table(s));
+    body.push_str(&intervals_table(&report["throughput"]));
     body.push_str(&chart(
         "Throughput",
         "seconds",
@@ -274,6 +278,42 @@ pub fn run_page(report: &Value) -> String {
         ],
     ));
     body.push_str(&chart(
+        "Acked messages per interval (does throughput hold as the store grows?)",
+        "seconds",
+        "messages / s",
+        &[Series {
+            name: "acked/s",
+            points: report["throughput"]["intervals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| {
+                    (
+                        i["to_s"].as_f64().unwrap_or(0.0),
+                        i["acked_per_second"].as_f64().unwrap_or(0.0),
+                    )
+                })
+                .collect(),
+        }],
+    ));
+    if s["disk_write_bytes"].is_number() || s["store_bytes"].is_number() {
+        body.push_str(&chart(
+            "Node storage",
+            "seconds",
+            "MiB",
+            &[
+                Series {
+                    name: "written / s",
+                    points: column(report, "node_disk_write_bytes", 1.0 / 1048576.0),
+                },
+                Series {
+                    name: "store size",
+                    points: column(report, "store_bytes", 1.0 / 1048576.0),
+                },
+            ],
+        ));
+    }
+    body.push_str(&chart(
         "Connected clients",
         "seconds",
         "sessions",
@@ -308,6 +348,85 @@ pub fn run_page(report: &Value) -> String {
     ));
     body.push_str("<p class=\"note\">Latencies are counted from each message's intended send time (open loop), so a stall of the node or of the load generator shows as latency, not as a lower rate. e2e is the time until a recipient device received the message. A run passes when every acknowledged message reached every device of its recipient and sender exactly once and in timeline order after a final sync.</p>");
     page("tern-loadgen run", &body)
+}
+
+/// Bytes the node wrote and the size of its store; "-" where unknown (a remote node).
+fn storage_table(server: &Value) -> String {
+    let mut out = String::from("<table><tr><th>node storage</th><th>value</th></tr>");
+    for (label, key) in [
+        (
+            "bytes written to storage (/proc/PID/io write_bytes)",
+            "disk_write_bytes",
+        ),
+        (
+            "written per acked message (B)",
+            "disk_write_bytes_per_acked_message",
+        ),
+        ("data folder at the end (B)", "store_bytes"),
+        ("data folder at the start (B)", "store_bytes_start"),
+        (
+            "store growth per acked message (B)",
+            "store_growth_bytes_per_acked_message",
+        ),
+    ] {
+        out.push_str(&format!(
+            "<tr><td>{label}</td><td>{}</td></tr>",
+            f(&server[key])
+        ));
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// CPU seconds per node thread, busiest first.
+fn threads_table(server: &Value) -> String {
+    let Some(threads) = server["threads"].as_object() else {
+        return "<p class=\"note\">Node CPU per thread: unknown (no local pid).</p>".into();
+    };
+    let mut rows: Vec<(&String, f64)> = threads
+        .iter()
+        .map(|(name, s)| (name, s.as_f64().unwrap_or(0.0)))
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut out = String::from("<table><tr><th>node thread</th><th>CPU s</th></tr>");
+    for (name, seconds) in rows {
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{seconds:.2}</td></tr>",
+            escape(name)
+        ));
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// Acked rate, busy answers and store size per interval of the sending window.
+fn intervals_table(throughput: &Value) -> String {
+    let mut out = format!(
+        "<table><tr><th>interval ({} s)</th><th>acked/s</th><th>busy</th><th>e2e p99 max ms</th><th>written MiB</th><th>store MiB at end</th></tr>",
+        f(&throughput["interval_seconds"])
+    );
+    for i in throughput["intervals"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "<tr><td>{}–{} s{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            f(&i["from_s"]),
+            f(&i["to_s"]),
+            if i["full"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (partial)"
+            },
+            f(&i["acked_per_second"]),
+            f(&i["busy"]),
+            f(&i["e2e_p99_ms_max"]),
+            mib(&i["disk_write_bytes"]),
+            mib(&i["store_bytes_end"]),
+        ));
+    }
+    out.push_str(&format!(
+        "</table><p>Last full interval's acked rate over the first's: {}.</p>",
+        f(&throughput["last_over_first"])
+    ));
+    out
 }
 
 fn mib(v: &Value) -> String {

@@ -5,7 +5,8 @@
 //! threads driving `tern::client::ClientSession`s), `net` (sockets with chosen source
 //! ports), `verify` (exactly-once check), `hist` (histograms and their wire form), `run`
 //! (the coordinator and report), `html`, `capacity`, `node` (a spawned `tern serve`),
-//! `sys` (PRNG, /proc sampling).
+//! `meter` (the node's disk writes and CPU per thread over a run), `sys` (PRNG, /proc
+//! sampling).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod capacity;
 mod hist;
 mod html;
+mod meter;
 mod net;
 mod node;
 mod run;

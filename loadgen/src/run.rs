@@ -13,9 +13,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::hist::{Hists, Metric, Summary, summary};
+use crate::meter::NodeMeter;
 use crate::node::{SpawnedNode, find_tern};
 use crate::spec::{Pattern, RunArgs, WorkerSpec, parse_size, parse_source_ips, partition};
-use crate::sys::{ProcSample, proc_sample, self_sample};
+use crate::sys::{ProcSample, dir_size_bytes, proc_sample, self_sample};
 use crate::worker::{Counts, Tick, WorkerMsg, WorkerResult, run_process};
 
 /// What a run produced.
@@ -41,8 +42,15 @@ pub struct Second {
     pub e2e_p50_ms: f64,
     pub e2e_p99_ms: f64,
     pub heartbeat_p99_ms: f64,
+    /// Sends answered `busy` by the node in this second.
+    pub busy: u64,
     pub node_rss_bytes: u64,
     pub node_cpu_pct: f64,
+    /// Bytes the node had written to storage in this second (`/proc/PID/io`); 0 when
+    /// unknown.
+    pub node_disk_write_bytes: u64,
+    /// Size of the node's data folder at the end of this second; 0 when unknown.
+    pub store_bytes: u64,
     pub loadgen_cpu_pct: f64,
 }
 
@@ -74,6 +82,9 @@ fn validate(args: &RunArgs) -> Result<(), String> {
     }
     if !(0.0..=1.0).contains(&args.background) {
         return Err("--background is a fraction in 0..=1".into());
+    }
+    if args.interval.is_nan() || args.interval < 1.0 {
+        return Err("--interval must be at least 1 s".into());
     }
     if args.flap.is_nan() || args.flap < 0.0 || args.duration.is_nan() || args.duration <= 0.0 {
         return Err("--flap must be >= 0 and --duration > 0".into());
@@ -121,6 +132,9 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, String> {
         ];
         if let Some(shards) = args.node_shards {
             extra.extend(["--shards".to_owned(), shards.to_string()]);
+        }
+        if let Some(mib) = args.node_map_size_mib {
+            extra.extend(["--map-size-mib".to_owned(), mib.to_string()]);
         }
         let spawned = SpawnedNode::start(&bin, extra)?;
         let out = (
@@ -287,6 +301,11 @@ fn run_with_node(
     let mut node_cpu_base = 0.0;
     let mut node_pid = node_pid;
     let node_start = node_pid.and_then(proc_sample);
+    let mut meter = NodeMeter::start(node_pid);
+    // Bytes written over the run at each sample (None: unknown), and the store's size.
+    let mut disk_samples: Vec<Option<u64>> = Vec::new();
+    let mut store_samples: Vec<Option<u64>> = Vec::new();
+    let store_bytes_start = data_dir.and_then(dir_size_bytes);
     let mut next_sample = started + Duration::from_secs(1);
     let mut chaos_at = args
         .chaos_restart_at
@@ -323,6 +342,8 @@ fn run_with_node(
                 last_node = sample;
             }
             samples.push(sample);
+            disk_samples.push(meter.sample());
+            store_samples.push(data_dir.and_then(dir_size_bytes));
             let workers: Vec<ProcSample> = worker_pids
                 .iter()
                 .filter_map(|pid| proc_sample(*pid))
@@ -346,8 +367,12 @@ fn run_with_node(
                         spawned.pid()
                     );
                 }
+                // The killed process's counters end at its last reading.
                 match spawned.kill_and_restart() {
-                    Ok(()) => node_pid = Some(spawned.pid()),
+                    Ok(()) => {
+                        node_pid = Some(spawned.pid());
+                        meter.restarted(spawned.pid());
+                    }
                     Err(e) => chaos_error = Some(e),
                 }
             }
@@ -365,6 +390,9 @@ fn run_with_node(
         s.cpu_seconds += node_cpu_base;
         s
     });
+    meter.sample();
+    let usage = meter.usage();
+    let store_bytes_end = data_dir.and_then(dir_size_bytes);
     // Node columns of the time series, second k from the sample taken k seconds in.
     for (i, second) in seconds.iter_mut().enumerate() {
         let k = second.t as usize;
@@ -378,6 +406,21 @@ fn run_with_node(
             };
             second.node_cpu_pct = ((sample.cpu_seconds - prev) * 100.0).max(0.0);
         }
+        if k >= 1
+            && let Some(Some(bytes)) = disk_samples.get(k - 1)
+        {
+            let prev = if k >= 2 {
+                disk_samples[k - 2].unwrap_or(*bytes)
+            } else {
+                0
+            };
+            second.node_disk_write_bytes = bytes.saturating_sub(prev);
+        }
+        if k >= 1
+            && let Some(Some(bytes)) = store_samples.get(k - 1)
+        {
+            second.store_bytes = *bytes;
+        }
         if k >= 1 && k <= loadgen_samples.len() {
             let prev = if k >= 2 { loadgen_samples[k - 2] } else { 0.0 };
             second.loadgen_cpu_pct = ((loadgen_samples[k - 1] - prev) * 100.0).max(0.0);
@@ -390,6 +433,8 @@ fn run_with_node(
     let mut counts = Counts::default();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let (mut clients_total, mut clients_connected, mut unacked) = (0, 0, 0);
+    let mut groups = 0;
+    let mut group_setup_seconds = 0.0f64;
     let mut worker_cpu = 0.0;
     let (mut drain_seconds, mut final_sync_seconds) = (0.0f64, 0.0f64);
     for (p, result) in results.into_iter().enumerate() {
@@ -402,6 +447,8 @@ fn run_with_node(
                     *errors.entry(k).or_insert(0) += v;
                 }
                 clients_total += r.clients;
+                groups += r.groups;
+                group_setup_seconds = group_setup_seconds.max(r.group_setup_seconds);
                 clients_connected += r.clients_connected;
                 unacked += r.unacked;
                 worker_cpu += r.cpu_seconds;
@@ -447,6 +494,16 @@ fn run_with_node(
         window.iter().map(|s| s.acked).sum::<u64>() as f64 / window.len() as f64
     };
     let passed = failures.is_empty() && verdict.passed() && unacked == 0;
+    let per_acked = |bytes: Option<f64>| {
+        bytes
+            .filter(|_| counts.acked > 0)
+            .map(|b| b / counts.acked as f64)
+    };
+    let store_growth = match (store_bytes_start, store_bytes_end) {
+        (Some(a), Some(b)) => Some(b as f64 - a as f64),
+        _ => None,
+    };
+    let throughput = throughput_intervals(&window, args.interval, usage.disk_write_bytes.is_some());
     let lat = |m: Metric| summary(merged.get(m));
     let report = json!({
         "config": {
@@ -454,6 +511,7 @@ fn run_with_node(
             "users": users,
             "clients": users * args.devices,
             "processes": processes,
+            "groups": groups,
             "threads_per_process": threads,
             "server": server.to_string(),
             "node": if node.is_some() { "spawned" } else { "given" },
@@ -480,6 +538,7 @@ fn run_with_node(
             "foreign": verdict.foreign,
             "offered_per_second": if args.window.is_some() { Value::Null } else { json!(args.rate) },
             "acked_per_second": acked_per_second,
+            "busy_rejections": counts.busy,
         },
         "verification": {
             "passed": verdict.passed() && unacked == 0,
@@ -499,7 +558,14 @@ fn run_with_node(
                 "end": node_end.map(|s| s.rss_bytes),
             },
             "cpu_seconds": node_cpu,
+            "disk_write_bytes": usage.disk_write_bytes,
+            "disk_write_bytes_per_acked_message": per_acked(usage.disk_write_bytes.map(|b| b as f64)),
+            "store_bytes": store_bytes_end,
+            "store_bytes_start": store_bytes_start,
+            "store_growth_bytes_per_acked_message": per_acked(store_growth),
+            "threads": usage.threads_cpu_seconds,
         },
+        "throughput": throughput,
         "loadgen": {
             "cpu_seconds": loadgen_cpu,
             "rss_bytes_peak": loadgen_rss_peak,
@@ -514,6 +580,7 @@ fn run_with_node(
         "errors": errors,
         "phases": {
             "provision_seconds": provision_seconds,
+            "group_setup_seconds": group_setup_seconds,
             "ramp_seconds": ramp_seconds,
             "run_seconds": args.duration,
             "drain_seconds": drain_seconds,
@@ -533,6 +600,46 @@ fn run_with_node(
         report,
         passed,
         summary,
+    })
+}
+
+/// Throughput per `interval_s` seconds of the sending window (whole seconds of the time
+/// series), and the last full interval's acked rate over the first's.
+fn throughput_intervals(window: &[&Second], interval_s: f64, disk_known: bool) -> Value {
+    let len = (interval_s.round() as usize).max(1);
+    let intervals: Vec<Value> = window
+        .chunks(len)
+        .map(|chunk| {
+            let seconds = chunk.len() as u64;
+            let acked: u64 = chunk.iter().map(|s| s.acked).sum();
+            let last = chunk.last().expect("chunks are not empty");
+            json!({
+                "from_s": chunk[0].t - 1,
+                "to_s": last.t,
+                "full": chunk.len() == len,
+                "acked": acked,
+                "acked_per_second": acked as f64 / seconds as f64,
+                "busy": chunk.iter().map(|s| s.busy).sum::<u64>(),
+                "e2e_p99_ms_max": chunk.iter().map(|s| s.e2e_p99_ms).fold(0.0, f64::max),
+                "disk_write_bytes": disk_known
+                    .then(|| chunk.iter().map(|s| s.node_disk_write_bytes).sum::<u64>()),
+                "store_bytes_end": (last.store_bytes > 0).then_some(last.store_bytes),
+            })
+        })
+        .collect();
+    let full: Vec<f64> = intervals
+        .iter()
+        .filter(|i| i["full"].as_bool() == Some(true))
+        .filter_map(|i| i["acked_per_second"].as_f64())
+        .collect();
+    let last_over_first = match (full.first(), full.last()) {
+        (Some(first), Some(last)) if full.len() >= 2 && *first > 0.0 => Some(last / first),
+        _ => None,
+    };
+    json!({
+        "interval_seconds": len,
+        "intervals": intervals,
+        "last_over_first": last_over_first,
     })
 }
 
@@ -591,6 +698,7 @@ fn to_second(sec: u64, part: &Partial) -> Second {
         acked: part.counts.acked,
         delivered: part.counts.delivered,
         errors: part.counts.errors,
+        busy: part.counts.busy,
         ack_p50_ms: ack.p50,
         ack_p99_ms: ack.p99,
         e2e_p50_ms: e2e.p50,
@@ -691,6 +799,31 @@ fn human_summary(r: &Value) -> String {
         num("server.cpu_seconds"),
         int("server.restarts"),
     ));
+    let bytes = |path: &str| {
+        g(path)
+            .as_f64()
+            .map_or("-".to_owned(), |b| format!("{b:.0} B"))
+    };
+    out.push_str(&format!(
+        "disk        {} written per acked message ({} in all); store {} ({} growth per acked message); busy answers {}\n",
+        bytes("server.disk_write_bytes_per_acked_message"),
+        bytes("server.disk_write_bytes"),
+        mib("server.store_bytes"),
+        bytes("server.store_growth_bytes_per_acked_message"),
+        int("messages.busy_rejections"),
+    ));
+    if let Some(threads) = r["server"]["threads"].as_object() {
+        let mut list: Vec<(&String, f64)> = threads
+            .iter()
+            .map(|(name, s)| (name, s.as_f64().unwrap_or(0.0)))
+            .collect();
+        list.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let list: Vec<String> = list
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.2}"))
+            .collect();
+        out.push_str(&format!("threads     cpu s: {}\n", list.join(", ")));
+    }
     out.push_str(&format!(
         "loadgen     cpu {:.2} s, rss peak {}; wall {:.1} s (drain {:.1} s, final sync {:.1} s)\n",
         num("loadgen.cpu_seconds"),

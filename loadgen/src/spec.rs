@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
+use tern::limits::GROUP_MEMBERS_MAX;
 
 /// Knobs of one run, as given on the command line.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
@@ -31,6 +32,10 @@ pub struct RunArgs {
     /// --shards of the spawned node (default: its own, one per core).
     #[arg(long)]
     pub node_shards: Option<u32>,
+    /// --map-size-mib of the spawned node (LMDB map size; default: the node's own). A long
+    /// closed-loop run can outgrow the default.
+    #[arg(long)]
+    pub node_map_size_mib: Option<u64>,
     /// Pid of the --server node, to sample its RSS and CPU.
     #[arg(long)]
     pub node_pid: Option<u32>,
@@ -62,8 +67,9 @@ pub struct RunArgs {
     /// Closed loop instead of --rate: every client keeps this many unacknowledged sends.
     #[arg(long)]
     pub window: Option<u32>,
-    /// Who sends to whom: pairs, random, or group:K (K recipients, sent as K 1:1 messages
-    /// with one intended time until the node has groups).
+    /// Who sends to whom: pairs, random, or group:K (the users are split into groups of K
+    /// members, created on the node before the run; each send goes to the sender's group
+    /// and must reach every device of every member once, in order).
     #[arg(long, default_value = "pairs")]
     pub pattern: String,
     /// Message text size in bytes, MIN..MAX (a ~24-byte stamp is always included).
@@ -93,6 +99,11 @@ pub struct RunArgs {
     /// Password of the load users (provisioned with it; used when no token can be minted).
     #[arg(long, default_value = "load-password")]
     pub password: String,
+    /// Seconds per interval of the report's `throughput.intervals` (acked msg/s and store
+    /// size per interval of the sending window), to see whether throughput holds as the
+    /// store grows in a long run.
+    #[arg(long, default_value_t = 60.0)]
+    pub interval: f64,
     /// Longest wait for the outboxes to drain and for the final sync, each, in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout: f64,
@@ -107,10 +118,15 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
+/// Who a send goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Pattern {
+    /// Users 2n and 2n+1 talk to each other.
     Pairs,
+    /// A uniformly chosen other user of the same worker process.
     Random,
+    /// The sender's group: the users of a process are split into groups of this many
+    /// members (2..=`GROUP_MEMBERS_MAX`).
     Group(u32),
 }
 
@@ -123,9 +139,12 @@ impl Pattern {
                 let k = text
                     .strip_prefix("group:")
                     .and_then(|k| k.parse::<u32>().ok())
-                    .filter(|k| *k >= 1)
+                    .filter(|k| (2..=GROUP_MEMBERS_MAX as u32).contains(k))
                     .ok_or_else(|| {
-                        format!("--pattern {text:?}: expected pairs, random or group:K (K >= 1)")
+                        format!(
+                            "--pattern {text:?}: expected pairs, random or group:K \
+                             (2 <= K <= {GROUP_MEMBERS_MAX})"
+                        )
                     })?;
                 Ok(Pattern::Group(k))
             }
@@ -195,6 +214,29 @@ pub struct WorkerSpec {
     pub source_ips: Vec<IpAddr>,
 }
 
+/// Splits users `lo..hi` into groups of `k` contiguous users, as (first, end) ranges. A
+/// group needs two members to talk, so a lone last user takes one from the group before
+/// it (which keeps `k - 1`), or joins it when `k` is 2. Every group then holds 2 to
+/// `max(k, 3)` members, or the whole range when that is shorter.
+pub fn group_blocks(lo: u32, hi: u32, k: u32) -> Vec<(u32, u32)> {
+    assert!(k >= 2, "a group needs two members");
+    let mut blocks: Vec<(u32, u32)> = (lo..hi)
+        .step_by(k as usize)
+        .map(|first| (first, (first + k).min(hi)))
+        .collect();
+    if blocks.len() >= 2 && blocks.last().is_some_and(|(a, b)| b - a == 1) {
+        let (first, end) = blocks.pop().expect("two blocks");
+        let before = blocks.last_mut().expect("one block left");
+        if k >= 3 {
+            before.1 -= 1;
+            blocks.push((first - 1, end));
+        } else {
+            before.1 = end;
+        }
+    }
+    blocks
+}
+
 /// Splits `users` into `processes` contiguous ranges of even length (pairs stay together).
 pub fn partition(users: u32, processes: u32) -> Vec<(u32, u32)> {
     let processes = processes.max(1);
@@ -223,9 +265,37 @@ mod tests {
     }
 
     #[test]
+    fn group_blocks_cover_the_range_with_groups_of_two_or_more() {
+        assert_eq!(group_blocks(10, 20, 4), vec![(10, 14), (14, 18), (18, 20)]);
+        // A lone last user joins the group before it.
+        assert_eq!(group_blocks(0, 9, 4), vec![(0, 4), (4, 7), (7, 9)]);
+        assert_eq!(group_blocks(0, 5, 2), vec![(0, 2), (2, 5)]);
+        assert_eq!(group_blocks(0, 3, 8), vec![(0, 3)]);
+        for (lo, hi, k) in [
+            (0, 1000, 7),
+            (6, 7, 2),
+            (4, 60, 3),
+            (0, 2, 256),
+            (0, 513, 256),
+        ] {
+            let blocks = group_blocks(lo, hi, k);
+            assert_eq!(blocks.first().map(|b| b.0), Some(lo));
+            assert_eq!(blocks.last().map(|b| b.1), Some(hi));
+            for w in blocks.windows(2) {
+                assert_eq!(w[0].1, w[1].0);
+            }
+            if hi - lo >= 2 {
+                assert!(blocks.iter().all(|(a, b)| b - a >= 2 && b - a <= k.max(3)));
+            }
+        }
+    }
+
+    #[test]
     fn knobs_parse_and_refuse_nonsense() {
         assert_eq!(Pattern::parse("group:5"), Ok(Pattern::Group(5)));
         assert!(Pattern::parse("group:0").is_err());
+        assert!(Pattern::parse("group:1").is_err());
+        assert!(Pattern::parse("group:257").is_err());
         assert!(Pattern::parse("star").is_err());
         assert_eq!(parse_size("10..20"), Ok((10, 20)));
         assert_eq!(parse_size("100"), Ok((100, 100)));

@@ -1,12 +1,13 @@
 //! Exactly-once, in-order delivery check.
 //!
-//! The ledger is compact: for every acknowledged message, its node msg_id and the sender
-//! and recipient user (16 bytes); for every device, the msg_ids it received in the order it
-//! received them (8 bytes each). A message belongs to the timelines of both its recipient
-//! and its sender (the sender's other devices see what it sent), so every device of both
-//! users must receive it exactly once. Within one timeline msg_ids grow with seq (the node
-//! allocates both in its single writer's commit order), so a device must see strictly
-//! increasing msg_ids: a repeat is a duplicate, a smaller id an out-of-order delivery.
+//! The ledger is compact: for every acknowledged message, its node msg_id, the sender and
+//! the recipient user or group (24 bytes); for every device, the msg_ids it received in the
+//! order it received them (8 bytes each). A 1:1 message belongs to the timelines of both
+//! its recipient and its sender (the sender's other devices see what it sent), a group
+//! message to the timeline of every member, so every device of those users must receive
+//! it exactly once. Within one timeline msg_ids grow with seq (the node allocates both in
+//! commit order), so a device must see strictly increasing msg_ids: a repeat is a
+//! duplicate, a smaller id an out-of-order delivery.
 //! Pure: no I/O.
 
 use std::collections::{HashMap, HashSet};
@@ -17,9 +18,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckedMsg {
     pub msg_id: u64,
-    /// Global user indexes (`load-<index>`).
+    /// Global user index (`load-<index>`).
     pub from_user: u32,
-    pub to_user: u32,
+    pub to: To,
+}
+
+/// Where a message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum To {
+    /// One user (global index): the sender's and the recipient's timelines hold it.
+    User(u32),
+    /// A group (index into the `groups` given to `verify`): every member's timeline holds
+    /// it, the sender's included.
+    Group(u32),
 }
 
 /// What one device received, in order.
@@ -74,7 +85,14 @@ impl Verdict {
     }
 }
 
-pub fn verify(acked: &[AckedMsg], devices_per_user: u32, logs: &[DeviceLog]) -> Verdict {
+/// Checks `logs` against `acked`; `groups` holds the member users (global indexes) of each
+/// group a message may have gone to.
+pub fn verify(
+    acked: &[AckedMsg],
+    devices_per_user: u32,
+    groups: &[Vec<u32>],
+    logs: &[DeviceLog],
+) -> Verdict {
     assert!(devices_per_user > 0);
     let index: HashMap<u32, usize> = logs
         .iter()
@@ -87,11 +105,14 @@ pub fn verify(acked: &[AckedMsg], devices_per_user: u32, logs: &[DeviceLog]) -> 
         if !acked_ids.insert(msg.msg_id) {
             continue;
         }
-        let users = [msg.from_user, msg.to_user];
-        let users = if msg.from_user == msg.to_user {
-            &users[..1]
-        } else {
-            &users[..]
+        let pair;
+        let users: &[u32] = match msg.to {
+            To::User(to) if to == msg.from_user => std::slice::from_ref(&msg.from_user),
+            To::User(to) => {
+                pair = [msg.from_user, to];
+                &pair
+            }
+            To::Group(g) => &groups[g as usize],
         };
         for &user in users {
             for device in 0..devices_per_user {
@@ -164,7 +185,7 @@ mod tests {
         AckedMsg {
             msg_id,
             from_user,
-            to_user,
+            to: To::User(to_user),
         }
     }
 
@@ -173,7 +194,7 @@ mod tests {
         // Two devices per user: clients 0,1 are user 0; clients 2,3 user 1.
         let acked = [msg(10, 0, 1), msg(11, 1, 0), msg(12, 0, 1)];
         let logs: Vec<DeviceLog> = (0..4).map(|c| log(c, &[10, 11, 12])).collect();
-        let verdict = verify(&acked, 2, &logs);
+        let verdict = verify(&acked, 2, &[], &logs);
         assert!(verdict.passed(), "{verdict:?}");
         assert_eq!(verdict.expected, 12);
         assert_eq!(verdict.delivered, 12);
@@ -184,7 +205,7 @@ mod tests {
     fn a_missing_delivery_on_one_device_is_lost() {
         let acked = [msg(10, 0, 1), msg(11, 0, 1)];
         let logs = [log(0, &[10, 11]), log(1, &[11])];
-        let verdict = verify(&acked, 1, &logs);
+        let verdict = verify(&acked, 1, &[], &logs);
         assert_eq!(verdict.lost, 1);
         assert!(!verdict.passed());
     }
@@ -193,7 +214,7 @@ mod tests {
     fn repeats_and_reorderings_are_counted_separately() {
         let acked = [msg(1, 0, 1), msg(2, 0, 1), msg(3, 0, 1)];
         let logs = [log(0, &[1, 2, 3]), log(1, &[1, 3, 2, 3, 1])];
-        let verdict = verify(&acked, 1, &logs);
+        let verdict = verify(&acked, 1, &[], &logs);
         assert_eq!(verdict.duplicated, 2);
         assert_eq!(verdict.out_of_order, 1);
         assert_eq!(verdict.lost, 0);
@@ -205,7 +226,7 @@ mod tests {
         let acked = [msg(1, 0, 1)];
         let mut unsynced = log(1, &[]);
         unsynced.synced = false;
-        let verdict = verify(&acked, 1, &[log(0, &[1]), unsynced]);
+        let verdict = verify(&acked, 1, &[], &[log(0, &[1]), unsynced]);
         assert_eq!(verdict.lost, 0);
         assert_eq!(verdict.devices_unverified, 1);
         assert!(!verdict.passed());
@@ -215,15 +236,45 @@ mod tests {
     fn deliveries_of_unacknowledged_messages_are_foreign_not_faults() {
         let acked = [msg(5, 0, 1)];
         let logs = [log(0, &[1, 2, 5]), log(1, &[2, 5])];
-        let verdict = verify(&acked, 1, &logs);
+        let verdict = verify(&acked, 1, &[], &logs);
         assert!(verdict.passed());
         assert_eq!(verdict.foreign, 3);
     }
 
     #[test]
     fn a_message_to_oneself_is_expected_once_per_device() {
-        let verdict = verify(&[msg(7, 0, 0)], 2, &[log(0, &[7]), log(1, &[7])]);
+        let verdict = verify(&[msg(7, 0, 0)], 2, &[], &[log(0, &[7]), log(1, &[7])]);
         assert_eq!(verdict.expected, 2);
         assert!(verdict.passed());
+    }
+
+    #[test]
+    fn a_group_message_is_expected_once_on_every_device_of_every_member() {
+        // Group 0 is users 0, 1 and 2; two devices each (clients 0..6); user 3 is outside.
+        let groups = [vec![0, 1, 2]];
+        let acked = [
+            AckedMsg {
+                msg_id: 4,
+                from_user: 1,
+                to: To::Group(0),
+            },
+            AckedMsg {
+                msg_id: 9,
+                from_user: 0,
+                to: To::Group(0),
+            },
+        ];
+        let mut logs: Vec<DeviceLog> = (0..6).map(|c| log(c, &[4, 9])).collect();
+        logs.push(log(6, &[]));
+        logs.push(log(7, &[]));
+        let verdict = verify(&acked, 2, &groups, &logs);
+        assert!(verdict.passed(), "{verdict:?}");
+        assert_eq!(verdict.expected, 12);
+        // One member's device misses one, another gets one twice.
+        logs[5] = log(5, &[9]);
+        logs[2] = log(2, &[4, 4, 9]);
+        let verdict = verify(&acked, 2, &groups, &logs);
+        assert_eq!(verdict.lost, 1);
+        assert_eq!(verdict.duplicated, 1);
     }
 }

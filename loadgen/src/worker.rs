@@ -19,14 +19,18 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
-use tern::client::{Action, ClientConfig, ClientSession, Event, MemoryStore, SendError};
+use tern::client::{
+    Action, BUSY_RETRY_MS_DEFAULT, BlockingClient, ClientConfig, ClientSession, Event, MemoryStore,
+    SendError, TeamAnswer,
+};
+use tern::protocol::ErrorCode;
 
 use crate::hist::{Hists, Metric, WireHists};
 use crate::net::{self, Connector};
 use crate::schedule::OpenLoop;
-use crate::spec::{Pattern, WorkerSpec, parse_size};
+use crate::spec::{Pattern, WorkerSpec, group_blocks, parse_size};
 use crate::sys::{Rng, self_sample, unix_ms};
-use crate::verify::{AckedMsg, DeviceLog, Verdict, verify};
+use crate::verify::{AckedMsg, DeviceLog, To, Verdict, verify};
 
 /// Bytes read per read call, one buffer per thread.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
@@ -47,6 +51,14 @@ const BACKGROUND_MS: (u64, u64) = (3_000, 15_000);
 /// restart must not make clients give up).
 const RECONNECT_ATTEMPTS_MAX: u32 = 10_000;
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Pause of a client's group sends after the node answered one with `busy`: the same as
+/// the session's for 1:1 sends.
+const GROUP_BUSY_RETRY: Duration = Duration::from_millis(BUSY_RETRY_MS_DEFAULT);
+/// Longest wait for one group to be created before the run (connect, login, create).
+const GROUP_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Device name of the short-lived logins that create the groups, apart from the load
+/// devices so their sync state is untouched.
+const GROUP_SETUP_DEVICE: &str = "loadgen-setup";
 
 const PHASE_RUN: u8 = 0;
 const PHASE_DRAIN: u8 = 1;
@@ -68,6 +80,9 @@ pub struct Counts {
     pub logins: u64,
     pub flaps: u64,
     pub background_cycles: u64,
+    /// Sends the node answered with `busy` (each is retried after a pause, so the same
+    /// message may count more than once).
+    pub busy: u64,
 }
 
 impl Counts {
@@ -80,6 +95,7 @@ impl Counts {
         self.logins += o.logins;
         self.flaps += o.flaps;
         self.background_cycles += o.background_cycles;
+        self.busy += o.busy;
     }
 
     fn minus(&self, o: &Counts) -> Counts {
@@ -92,6 +108,7 @@ impl Counts {
             logins: self.logins - o.logins,
             flaps: self.flaps - o.flaps,
             background_cycles: self.background_cycles - o.background_cycles,
+            busy: self.busy - o.busy,
         }
     }
 }
@@ -114,6 +131,10 @@ pub struct Tick {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerResult {
     pub clients: u64,
+    /// Groups created for a `group:K` run.
+    pub groups: u64,
+    /// Time taken to create them, before this process's clients started.
+    pub group_setup_seconds: f64,
     /// Clients that logged in at least once.
     pub clients_connected: u64,
     pub counts: Counts,
@@ -137,6 +158,30 @@ pub enum WorkerMsg {
 struct Shared {
     phase: AtomicU8,
     threads: Vec<AtomicU8>,
+}
+
+/// The groups of a `group:K` run in this process (none for other patterns).
+#[derive(Debug, Default)]
+struct Groups {
+    /// Node group id of each group.
+    ids: Vec<u64>,
+    /// Member users (global indexes) of each group.
+    members: Vec<Vec<u32>>,
+    /// Group index of each user of the process, by `user - user_lo`.
+    of_user: Vec<u32>,
+}
+
+/// A group send not yet acknowledged. Group sends do not go through the session's outbox:
+/// the load client keeps them, resends them on each new connection and after a `busy`
+/// pause, always with the same client message id (the node deduplicates).
+#[derive(Debug)]
+struct GroupOut {
+    client_msg_id: u64,
+    text: String,
+    /// Intended send time, µs since the epoch.
+    intended_us: u64,
+    /// Request id on the current connection; None when not on the wire.
+    request: Option<u32>,
 }
 
 struct ThreadTick {
@@ -177,6 +222,9 @@ fn run_process_inner(
         threads: (0..threads).map(|_| AtomicU8::new(THREAD_BUSY)).collect(),
     });
     let tokens = mint_tokens(&spec)?;
+    let setup_started = Instant::now();
+    let groups = Arc::new(create_groups(&spec, &tokens)?);
+    let group_setup_seconds = setup_started.elapsed().as_secs_f64();
     let epoch = Instant::now();
     let (tick_tx, tick_rx) = mpsc::channel::<ThreadTick>();
     let mut handles = Vec::new();
@@ -185,10 +233,12 @@ fn run_process_inner(
         let shared = Arc::clone(&shared);
         let tick_tx = tick_tx.clone();
         let tokens = tokens.clone();
+        let groups = Arc::clone(&groups);
         let handle = std::thread::Builder::new()
             .name(format!("load-{t}"))
             .spawn(move || -> Result<ThreadOutcome, String> {
-                let mut thread = ClientThread::new(spec, shared, t, epoch, tick_tx, &tokens)?;
+                let mut thread =
+                    ClientThread::new(spec, shared, groups, t, epoch, tick_tx, &tokens)?;
                 thread.run()
             })
             .map_err(|e| format!("spawn thread: {e}"))?;
@@ -275,9 +325,11 @@ fn run_process_inner(
         unacked += outcome.unacked;
         clients_connected += outcome.clients_connected;
     }
-    let verdict = verify(&acked, spec.args.devices.max(1), &logs);
+    let verdict = verify(&acked, spec.args.devices.max(1), &groups.members, &logs);
     Ok(WorkerResult {
         clients: logs.len() as u64,
+        groups: groups.ids.len() as u64,
+        group_setup_seconds,
         clients_connected,
         counts,
         verdict,
@@ -341,6 +393,72 @@ fn mint_tokens(spec: &WorkerSpec) -> Result<Option<Arc<Vec<String>>>, String> {
     Ok(Some(Arc::new(tokens)))
 }
 
+/// Creates this process's groups on the node for a `group:K` run: its users split by
+/// `group_blocks`, each group created by its first user (the owner) over a short blocking
+/// login, in parallel on `spec.threads` threads. Other patterns get no groups.
+fn create_groups(spec: &WorkerSpec, tokens: &Option<Arc<Vec<String>>>) -> Result<Groups, String> {
+    let Pattern::Group(k) = Pattern::parse(&spec.args.pattern)? else {
+        return Ok(Groups::default());
+    };
+    let blocks = group_blocks(spec.user_lo, spec.user_hi, k);
+    let threads = (spec.threads.max(1) as usize).min(blocks.len().max(1));
+    let name = |user: u32| format!("{}{}", spec.args.user_prefix, user);
+    let create = |block: usize| -> Result<u64, String> {
+        let (first, end) = blocks[block];
+        let mut config = ClientConfig::new(name(first), GROUP_SETUP_DEVICE);
+        config = match tokens {
+            Some(tokens) => config.with_token(tokens[(first - spec.user_lo) as usize].clone()),
+            None => config.with_password(spec.args.password.clone()),
+        };
+        config.client_name = "tern-loadgen".into();
+        let mut client =
+            BlockingClient::new(spec.server, config).with_operation_timeout(GROUP_SETUP_TIMEOUT);
+        let what = |e: tern::client::ClientError| format!("create group of {}: {e}", name(first));
+        client.connect().map_err(what)?;
+        let members: Vec<String> = (first + 1..end).map(name).collect();
+        let info = client
+            .group_create(&format!("load-group-{block}"), &members)
+            .map_err(what)?;
+        client.close();
+        Ok(info.group_id)
+    };
+    let mut ids = vec![0u64; blocks.len()];
+    std::thread::scope(|scope| -> Result<(), String> {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let create = &create;
+                let count = blocks.len();
+                scope.spawn(move || -> Result<Vec<(usize, u64)>, String> {
+                    (t..count)
+                        .step_by(threads)
+                        .map(|block| create(block).map(|id| (block, id)))
+                        .collect()
+                })
+            })
+            .collect();
+        for handle in handles {
+            let made = handle
+                .join()
+                .map_err(|_| "a group setup thread panicked".to_owned())??;
+            for (block, id) in made {
+                ids[block] = id;
+            }
+        }
+        Ok(())
+    })?;
+    let mut of_user = vec![0u32; (spec.user_hi - spec.user_lo) as usize];
+    for (g, &(first, end)) in blocks.iter().enumerate() {
+        for user in first..end {
+            of_user[(user - spec.user_lo) as usize] = g as u32;
+        }
+    }
+    Ok(Groups {
+        ids,
+        members: blocks.iter().map(|&(a, b)| (a..b).collect()).collect(),
+        of_user,
+    })
+}
+
 /// Time until every client has been asked to connect.
 pub fn ramp_duration(args: &crate::spec::RunArgs) -> Duration {
     secs(f64::from(args.clients) / args.ramp)
@@ -383,20 +501,49 @@ struct Client {
     logged_in_once: bool,
     /// client_msg_id → (intended µs since epoch, recipient user).
     in_flight: HashMap<u64, (u64, u32)>,
+    /// Unacknowledged group sends, oldest first.
+    group_out: Vec<GroupOut>,
+    /// Group sends wait until this instant (the node said `busy`).
+    group_paused_until: Option<Instant>,
     delivered: Vec<u64>,
     final_sync: FinalSync,
+}
+
+impl Client {
+    /// Sends of this client not yet acknowledged, 1:1 and group.
+    fn unacked(&self) -> usize {
+        self.in_flight.len() + self.group_out.len()
+    }
+
+    /// Sends the node has not acknowledged yet: the session's outbox and the group sends.
+    fn unacked_at_node(&self) -> usize {
+        self.session.outbox_len() + self.group_out.len()
+    }
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Timer {
     at: Instant,
     client: u32,
-    app: bool,
+    kind: TimerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// The session's `next_timeout`.
+    Session,
+    /// The background cycle.
+    App,
+    /// The end of a `busy` pause of group sends.
+    GroupRetry,
 }
 
 struct ClientThread {
     spec: Arc<WorkerSpec>,
     shared: Arc<Shared>,
+    groups: Arc<Groups>,
+    /// `busy` answers to group sends (the sessions count those to 1:1 sends).
+    group_busy: u64,
     index: u32,
     epoch: Instant,
     poll: Poll,
@@ -429,6 +576,7 @@ impl ClientThread {
     fn new(
         spec: Arc<WorkerSpec>,
         shared: Arc<Shared>,
+        groups: Arc<Groups>,
         index: u32,
         epoch: Instant,
         tick_tx: mpsc::Sender<ThreadTick>,
@@ -480,6 +628,8 @@ impl ClientThread {
                 expect_disconnect: false,
                 logged_in_once: false,
                 in_flight: HashMap::new(),
+                group_out: Vec::new(),
+                group_paused_until: None,
                 delivered: Vec::new(),
                 final_sync: FinalSync::Pending,
             });
@@ -504,6 +654,8 @@ impl ClientThread {
         Ok(ClientThread {
             poll: Poll::new().map_err(|e| format!("create poll: {e}"))?,
             shared,
+            groups,
+            group_busy: 0,
             index,
             epoch,
             clients,
@@ -629,18 +781,28 @@ impl ClientThread {
             }
             let std::cmp::Reverse(timer) = self.heap.pop().expect("peeked");
             let i = timer.client as usize;
-            if timer.app {
-                if self.clients[i].app_at != Some(timer.at) {
-                    continue;
+            match timer.kind {
+                TimerKind::App => {
+                    if self.clients[i].app_at != Some(timer.at) {
+                        continue;
+                    }
+                    self.clients[i].app_at = None;
+                    self.app_timer(i, now);
                 }
-                self.clients[i].app_at = None;
-                self.app_timer(i, now);
-            } else {
-                if self.clients[i].timer_at != Some(timer.at) {
-                    continue;
+                TimerKind::Session => {
+                    if self.clients[i].timer_at != Some(timer.at) {
+                        continue;
+                    }
+                    self.clients[i].timer_at = None;
+                    self.clients[i].session.handle_timeout(now);
                 }
-                self.clients[i].timer_at = None;
-                self.clients[i].session.handle_timeout(now);
+                TimerKind::GroupRetry => {
+                    if self.clients[i].group_paused_until != Some(timer.at) {
+                        continue;
+                    }
+                    self.clients[i].group_paused_until = None;
+                    self.issue_group_sends(i, now);
+                }
             }
             self.pump(i, now);
         }
@@ -671,7 +833,7 @@ impl ClientThread {
         self.heap.push(std::cmp::Reverse(Timer {
             at,
             client: i as u32,
-            app: true,
+            kind: TimerKind::App,
         }));
     }
 
@@ -759,21 +921,16 @@ impl ClientThread {
                 let partner = if from ^ 1 < hi { from ^ 1 } else { lo };
                 vec![partner]
             }
+            // Group sends go to the sender's group (`group_send`), never through here.
             Pattern::Random | Pattern::Group(_) => {
-                let k = match self.pattern {
-                    Pattern::Group(k) => (k as u64).min(span.saturating_sub(1)).max(1),
-                    _ => 1,
-                };
-                let mut out = Vec::with_capacity(k as usize);
                 let mut tries = 0;
-                while (out.len() as u64) < k && tries < 8 * k + 8 {
+                loop {
                     tries += 1;
                     let to = lo + self.rng.below(span) as u32;
-                    if (to != from || span == 1) && !out.contains(&to) {
-                        out.push(to);
+                    if to != from || span == 1 || tries > 8 {
+                        break vec![to];
                     }
                 }
-                out
             }
         }
     }
@@ -781,6 +938,9 @@ impl ClientThread {
     fn send_from(&mut self, i: usize, intended: Instant, now: Instant) {
         let from = self.clients[i].user;
         let intended_us = intended.saturating_duration_since(self.epoch).as_micros() as u64;
+        if let Pattern::Group(_) = self.pattern {
+            return self.group_send(i, intended_us, now);
+        }
         for to in self.recipients(from) {
             let len = self
                 .rng
@@ -796,6 +956,99 @@ impl ClientThread {
                 }
                 Err(SendError::OutboxFull) => self.error("outbox_full"),
                 Err(_) => self.error("send_refused"),
+            }
+        }
+    }
+
+    /// A new message to the sender's group; it goes out now unless the client is offline
+    /// or in a `busy` pause.
+    fn group_send(&mut self, i: usize, intended_us: u64, now: Instant) {
+        let len = self
+            .rng
+            .between(u64::from(self.size.0), u64::from(self.size.1)) as usize;
+        // Random ids, distinct per run: the node deduplicates by (user, id) for good.
+        let client_msg_id = (self.rng.next_u64() ^ (u64::from(self.spec.run_tag) << 32)) | 1;
+        self.clients[i].group_out.push(GroupOut {
+            client_msg_id,
+            text: stamp_text(self.spec.run_tag, intended_us, len),
+            intended_us,
+            request: None,
+        });
+        self.counts.sent += 1;
+        self.issue_group_sends(i, now);
+    }
+
+    /// Puts every group send of client `i` that is not on the wire onto it, if the session
+    /// is established and not pausing.
+    fn issue_group_sends(&mut self, i: usize, now: Instant) {
+        let client = &mut self.clients[i];
+        if client.group_paused_until.is_some()
+            || !client.session.is_established()
+            || client.group_out.iter().all(|o| o.request.is_some())
+        {
+            return;
+        }
+        let group = self.groups.of_user[(client.user - self.spec.user_lo) as usize];
+        let group_id = self.groups.ids[group as usize];
+        for out in client.group_out.iter_mut().filter(|o| o.request.is_none()) {
+            out.request = client
+                .session
+                .group_send(group_id, out.client_msg_id, &out.text, now);
+        }
+    }
+
+    /// The node's answer to a group send of client `i`.
+    fn on_group_answer(&mut self, i: usize, request_id: u32, answer: TeamAnswer, now: Instant) {
+        let client = &mut self.clients[i];
+        let Some(at) = client
+            .group_out
+            .iter()
+            .position(|o| o.request == Some(request_id))
+        else {
+            return self.error("unexpected_team_answer");
+        };
+        match answer {
+            TeamAnswer::Sent(ack) => {
+                let out = client.group_out.remove(at);
+                let now_us = now.saturating_duration_since(self.epoch).as_micros() as u64;
+                let us = now_us.saturating_sub(out.intended_us);
+                self.hists.record_us(Metric::Ack, us);
+                self.interval.record_us(Metric::Ack, us);
+                let group = self.groups.of_user[(client.user - self.spec.user_lo) as usize];
+                self.acked.push(AckedMsg {
+                    msg_id: ack.msg_id,
+                    from_user: client.user,
+                    to: To::Group(group),
+                });
+                self.counts.acked += 1;
+                if self.phase == PHASE_RUN {
+                    self.top_up_window(i, now);
+                }
+            }
+            TeamAnswer::Failed { code, .. }
+                if ErrorCode::from_u16(code) == Some(ErrorCode::Busy) =>
+            {
+                self.group_busy += 1;
+                client.group_out[at].request = None;
+                if client.group_paused_until.is_none() {
+                    let until = now + GROUP_BUSY_RETRY;
+                    client.group_paused_until = Some(until);
+                    self.heap.push(std::cmp::Reverse(Timer {
+                        at: until,
+                        client: i as u32,
+                        kind: TimerKind::GroupRetry,
+                    }));
+                }
+            }
+            TeamAnswer::Failed { code, .. } => {
+                client.group_out.remove(at);
+                let name = ErrorCode::from_u16(code)
+                    .map_or_else(|| format!("code_{code}"), |c| c.name().to_owned());
+                self.error(&format!("group_send_failed_{name}"));
+            }
+            _ => {
+                client.group_out[at].request = None;
+                self.error("unexpected_team_answer");
             }
         }
     }
@@ -949,7 +1202,7 @@ impl ClientThread {
             self.heap.push(std::cmp::Reverse(Timer {
                 at,
                 client: i as u32,
-                app: false,
+                kind: TimerKind::Session,
             }));
         }
     }
@@ -1004,6 +1257,11 @@ impl ClientThread {
                 if self.phase == PHASE_FINAL_SYNC && client.final_sync != FinalSync::Done {
                     client.final_sync = FinalSync::Requested;
                 }
+                // A new connection: every unacknowledged group send goes out again.
+                for out in &mut self.clients[i].group_out {
+                    out.request = None;
+                }
+                self.issue_group_sends(i, now);
                 if self.phase == PHASE_RUN {
                     self.top_up_window(i, now);
                 }
@@ -1011,6 +1269,9 @@ impl ClientThread {
             Event::ConnectFailed { .. } => self.error("connect_failed"),
             Event::Disconnected { .. } => {
                 let client = &mut self.clients[i];
+                for out in &mut client.group_out {
+                    out.request = None;
+                }
                 if client.final_sync == FinalSync::Requested {
                     client.final_sync = FinalSync::Pending;
                 }
@@ -1025,9 +1286,10 @@ impl ClientThread {
                     .map_or_else(|| format!("code_{code}"), |c| c.name().to_owned());
                 self.error(&format!("node_error_{name}"));
             }
-            // Records (delivery receipts for this user's sends, group events) are the node's
-            // bookkeeping, not workload messages: they are neither counted nor verified.
-            Event::Message(message) if message.record.is_some() => {}
+            // Records other than group messages (delivery receipts for this user's sends,
+            // membership changes) are the node's bookkeeping, not workload messages: they
+            // are neither counted nor verified.
+            Event::Message(message) if !message.is_message() => {}
             Event::Message(message) => {
                 self.counts.delivered += 1;
                 let client = &mut self.clients[i];
@@ -1055,7 +1317,7 @@ impl ClientThread {
                     self.acked.push(AckedMsg {
                         msg_id,
                         from_user: client.user,
-                        to_user: to,
+                        to: To::User(to),
                     });
                     self.counts.acked += 1;
                 }
@@ -1102,9 +1364,9 @@ impl ClientThread {
                 self.hists.record_us(Metric::Heartbeat, us);
                 self.interval.record_us(Metric::Heartbeat, us);
             }
+            Event::Team { request_id, answer } => self.on_group_answer(i, request_id, answer, now),
             Event::Pong { .. }
             | Event::TimelinePage { .. }
-            | Event::Team { .. }
             | Event::Presence { .. }
             | Event::Typing { .. } => {}
         }
@@ -1116,7 +1378,7 @@ impl ClientThread {
             return;
         };
         let mut guard = 0;
-        while self.clients[i].in_flight.len() < window as usize && guard < window {
+        while self.clients[i].unacked() < window as usize && guard < window {
             guard += 1;
             self.send_from(i, now, now);
         }
@@ -1132,6 +1394,7 @@ impl ClientThread {
             .iter()
             .filter(|c| c.session.is_established())
             .count() as u64;
+        self.count_busy();
         let delta = self.counts.minus(&self.counts_ticked);
         self.counts_ticked = self.counts;
         let hists = std::mem::take(&mut self.interval);
@@ -1157,7 +1420,7 @@ impl ClientThread {
                 let drained = self
                     .clients
                     .iter()
-                    .all(|c| c.session.is_established() && c.session.outbox_len() == 0);
+                    .all(|c| c.session.is_established() && c.unacked_at_node() == 0);
                 if drained {
                     flag.store(THREAD_DRAINED, Ordering::Release);
                 }
@@ -1170,8 +1433,15 @@ impl ClientThread {
         }
     }
 
+    /// Brings `counts.busy` up to date: the sessions count `busy` answers to 1:1 sends.
+    fn count_busy(&mut self) {
+        let sessions: u64 = self.clients.iter().map(|c| c.session.busy_answers()).sum();
+        self.counts.busy = sessions + self.group_busy;
+    }
+
     fn outcome(&mut self) -> ThreadOutcome {
         // The last partial second.
+        self.count_busy();
         let delta = self.counts.minus(&self.counts_ticked);
         let connected = self
             .clients
@@ -1203,7 +1473,7 @@ impl ClientThread {
             unacked: self
                 .clients
                 .iter()
-                .map(|c| c.session.outbox_len() as u64)
+                .map(|c| c.unacked_at_node() as u64)
                 .sum(),
             clients_connected: self.clients.iter().filter(|c| c.logged_in_once).count() as u64,
         }

@@ -148,10 +148,26 @@ fn a_few_hundred_clients_verify_and_the_report_has_every_field() {
         "server.rss_bytes.peak",
         "server.rss_bytes.end",
         "server.cpu_seconds",
+        "server.disk_write_bytes",
+        "server.disk_write_bytes_per_acked_message",
+        "server.store_bytes",
+        "server.store_growth_bytes_per_acked_message",
+        "server.threads",
+        "messages.busy_rejections",
+        "throughput.interval_seconds",
+        "throughput.intervals",
         "timeseries",
     ] {
         at(&report, path);
     }
+    // A spawned node's data folder holds at least the users and their messages.
+    assert!(int(&report, "server.store_bytes") > 0);
+    let threads = at(&report, "server.threads").as_object().expect("a map");
+    let node_thread_seconds: f64 = threads.values().filter_map(Value::as_f64).sum();
+    assert!(
+        node_thread_seconds > 0.0,
+        "the node's threads did work: {threads:?}"
+    );
     assert_eq!(int(&report, "clients.connected"), 300);
     assert_eq!(int(&report, "clients.failed"), 0);
     let sent = int(&report, "messages.sent");
@@ -205,6 +221,127 @@ fn a_node_killed_and_restarted_mid_run_loses_no_acknowledged_message() {
     // The kill cut every connection; the clients noticed and came back.
     let logins = int(&report, "events.logins");
     assert!(logins >= 200, "clients did not log in again: {logins}");
+}
+
+/// Closed loop at 16 sends in flight per client, the node SIGKILLed mid-run: every send
+/// acknowledged before or after the kill is delivered exactly once, in order.
+#[test]
+fn a_node_killed_at_window_16_loses_and_duplicates_nothing() {
+    let (output, report, page) = run_loadgen(&[
+        "--clients",
+        "60",
+        "--window",
+        "16",
+        "--size",
+        "100..100",
+        "--duration",
+        "4",
+        "--heartbeat",
+        "1",
+        "--chaos-restart-at",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(
+        int(&report, "server.restarts"),
+        1,
+        "the restart must have happened"
+    );
+    let acked = int(&report, "messages.acked");
+    assert!(
+        acked >= 60 * 16,
+        "fewer acks than one window of every client: {acked}"
+    );
+    assert_eq!(int(&report, "messages.sent"), acked);
+    assert_eq!(int(&report, "messages.unacked_at_end"), 0);
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    assert_eq!(int(&report, "messages.out_of_order"), 0);
+    assert_eq!(int(&report, "verification.devices_unverified"), 0);
+    // Each acked message reaches the recipient's and the sender's device exactly once.
+    assert_eq!(int(&report, "messages.delivered"), 2 * acked);
+    assert_eq!(
+        int(&report, "messages.deliveries_expected"),
+        int(&report, "messages.delivered")
+    );
+    // The node's counters span both of its processes; busy answers are counted.
+    at(&report, "server.disk_write_bytes");
+    at(&report, "messages.busy_rejections");
+    assert!(page.contains("node storage"));
+}
+
+/// Real groups: 60 users in 12 groups of 5, two devices each, with flaps so group sends
+/// are resent on new connections. Every group message reaches every device of every
+/// member of its group (the sender's included) exactly once, in order.
+#[test]
+fn group_messages_reach_every_member_device_exactly_once() {
+    let (output, report, _) = run_loadgen(&[
+        "--clients",
+        "120",
+        "--devices",
+        "2",
+        "--pattern",
+        "group:5",
+        "--window",
+        "4",
+        "--duration",
+        "3",
+        "--heartbeat",
+        "0.5",
+        "--flap",
+        "300",
+        "--durability",
+        "none",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(int(&report, "config.groups"), 12);
+    let acked = int(&report, "messages.acked");
+    assert!(acked > 0);
+    assert_eq!(int(&report, "messages.sent"), acked);
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    assert_eq!(int(&report, "messages.out_of_order"), 0);
+    assert_eq!(int(&report, "verification.devices_unverified"), 0);
+    assert_eq!(int(&report, "messages.delivered"), acked * 5 * 2);
+    assert!(
+        int(&report, "events.flaps") > 0,
+        "the flap knob did nothing"
+    );
+}
+
+/// Group sends in flight when the node is SIGKILLed are resent on the next connection
+/// with their client message ids: each is stored once and fanned out to every member once.
+#[test]
+fn a_node_killed_during_group_sends_loses_and_duplicates_nothing() {
+    let (output, report, _) = run_loadgen(&[
+        "--clients",
+        "60",
+        "--pattern",
+        "group:4",
+        "--window",
+        "8",
+        "--duration",
+        "4",
+        "--heartbeat",
+        "1",
+        "--chaos-restart-at",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(int(&report, "server.restarts"), 1);
+    assert_eq!(int(&report, "config.groups"), 15);
+    let acked = int(&report, "messages.acked");
+    assert!(
+        acked >= 60 * 8,
+        "fewer acks than one window per client: {acked}"
+    );
+    assert_eq!(int(&report, "messages.sent"), acked);
+    assert_eq!(int(&report, "messages.unacked_at_end"), 0);
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    assert_eq!(int(&report, "messages.out_of_order"), 0);
+    assert_eq!(int(&report, "verification.devices_unverified"), 0);
+    assert_eq!(int(&report, "messages.delivered"), acked * 4);
 }
 
 #[test]

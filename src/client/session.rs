@@ -450,6 +450,8 @@ pub struct ClientSession<S: ClientStore = MemoryStore> {
     sends_in_flight: usize,
     /// No sends go out before this instant (the node said `busy`).
     outbox_paused_until: Option<Instant>,
+    /// Sends the node answered with `busy` since the session was made (each was retried).
+    busy_answers: u64,
     /// High 32 bits of client message ids, nonzero; the low 32 bits count.
     msg_id_prefix: u64,
     msg_id_counter: u32,
@@ -503,6 +505,7 @@ impl<S: ClientStore> ClientSession<S> {
             outbox_order_next: 0,
             sends_in_flight: 0,
             outbox_paused_until: None,
+            busy_answers: 0,
             msg_id_prefix,
             msg_id_counter: 0,
         };
@@ -789,6 +792,14 @@ impl<S: ClientStore> ClientSession<S> {
     /// Sends not yet acknowledged by the node.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// How many times the node answered a send of this session with `busy` (counted per
+    /// answer: a send refused twice counts twice). `busy` is not a failure and raises no
+    /// event; the send is retried after `ClientConfig::busy_retry`. For load generators and
+    /// diagnostics.
+    pub fn busy_answers(&self) -> u64 {
+        self.busy_answers
     }
 
     /// The token of the latest login, to present next time instead of the password.
@@ -1201,6 +1212,7 @@ impl<S: ClientStore> ClientSession<S> {
             Some(ErrorCode::Busy) => {
                 // The node is overloaded: hold every send back for a while, then resend
                 // this one with the same client message id.
+                self.busy_answers += 1;
                 self.outbox_paused_until = Some(now + self.config.busy_retry);
             }
             Some(closing)

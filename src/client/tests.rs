@@ -781,8 +781,10 @@ fn busy_send_is_retried_with_the_same_id_after_a_pause() {
     h.establish_synced();
     let id = h.session.send("bob", "hi", h.now).unwrap();
     let (request_id, _) = h.sent()[0];
+    assert_eq!(h.session.busy_answers(), 0);
     h.feed(&error(request_id, ErrorCode::Busy));
     assert!(h.events().is_empty(), "busy is not a failure");
+    assert_eq!(h.session.busy_answers(), 1, "counted for load generators");
     assert!(h.sent().is_empty(), "no resend during the pause");
     assert_eq!(h.session.outbox_len(), 1);
     // The pause is the earliest timer.
