@@ -111,6 +111,19 @@ fn write_batch_distinct_users(input: (StoreFixture, Vec<WriteOp>)) -> StoreFixtu
     fixture
 }
 
+// The ack commit alone: what the writer commits for a batch between journal applies
+// (messages and journal appended; the derived tables untouched).
+#[library_benchmark]
+#[bench::n2(write_path_batch(2))]
+#[bench::n64(write_path_batch(64))]
+#[bench::n1024(write_path_batch(1024))]
+fn log_batch_distinct_users(input: (StoreFixture, Vec<WriteOp>)) -> StoreFixture {
+    let (mut fixture, mut ops) = input;
+    let acked = fixture.log_acked(black_box(&mut ops));
+    assert_eq!(acked, ops.len());
+    fixture
+}
+
 fn store_with_timeline() -> (StoreFixture, Vec<u8>) {
     let (mut fixture, _) = store_with_sends(0);
     fixture.fill_bob(300, 64);
@@ -166,7 +179,12 @@ library_benchmark_group!(
 
 library_benchmark_group!(
     name = storage,
-    benchmarks = [store_batch, write_batch_distinct_users, sync_read]
+    benchmarks = [
+        store_batch,
+        write_batch_distinct_users,
+        log_batch_distinct_users,
+        sync_read
+    ]
 );
 
 library_benchmark_group!(

@@ -20,7 +20,7 @@ use tern::node::{Node, NodeConfig};
 use tern::protocol::{self, ArchivedSend, DecodeError, EntryRef, Kind, SyncPageRef};
 use tern::shard::timer_wheel::TimerWheel;
 use tern::storage::{
-    Delivery, Durability, OpResult, Origin, Store, StoreConfig, WriteOp, apply_batch,
+    Delivery, Durability, OpResult, Origin, Store, StoreConfig, WriteOp, apply_batch, log_batch,
 };
 
 /// Text sizes of the codec benches: a chat line, a paragraph, the largest text allowed.
@@ -230,6 +230,20 @@ impl StoreFixture {
         self.deliveries.clear();
         apply_batch(&self.store, ops, &mut self.results, &mut self.deliveries)
             .expect("apply bench batch");
+        assert_eq!(self.results.len(), ops.len());
+        self.results
+            .iter()
+            .filter(|r| matches!(r, OpResult::SendAcked { .. }))
+            .count()
+    }
+
+    /// Logs `ops` as one writer batch without applying the journal (the ack commit the
+    /// writer makes between applies) and returns the number of sends it acknowledged.
+    pub fn log_acked(&mut self, ops: &mut [WriteOp]) -> usize {
+        self.results.clear();
+        self.deliveries.clear();
+        log_batch(&self.store, ops, &mut self.results, &mut self.deliveries)
+            .expect("log bench batch");
         assert_eq!(self.results.len(), ops.len());
         self.results
             .iter()
