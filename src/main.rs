@@ -143,7 +143,8 @@ enum Command {
         #[arg(long, default_value = "application/octet-stream")]
         mime: String,
     },
-    /// Download a file by id (resumes into an existing partial --out file).
+    /// Download a file by id to --out, through --out.part (resumed by a later run for the
+    /// same file); verifies the SHA-256 before the file appears at --out.
     Download {
         #[command(flatten)]
         account: cli_client::Account,

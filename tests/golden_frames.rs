@@ -245,7 +245,35 @@ fn golden_frames() -> Vec<(&'static str, Vec<u8>)> {
                 },
             ),
         ),
+        ("file_info", frame(Kind::FileInfo, 8, &file_info())),
+        ("file_chunk", frame(Kind::FileChunk, 9, &file_chunk())),
     ]
+}
+
+/// SHA-256 of "AB", the example file.
+const FILE_SHA256: [u8; 32] = [
+    0x38, 0x16, 0x4f, 0xbd, 0x17, 0x60, 0x3d, 0x73, 0xf6, 0x96, 0xb8, 0xb4, 0xd7, 0x26, 0x64, 0xd7,
+    0x35, 0xbb, 0x6a, 0x7c, 0x88, 0x57, 0x76, 0x87, 0xfd, 0x2a, 0xe3, 0x3f, 0xd6, 0x96, 0x41, 0x53,
+];
+
+fn file_info() -> FileInfo {
+    FileInfo {
+        file_id: 3,
+        name: "ab.txt".into(),
+        mime: "text/plain".into(),
+        size: 2,
+        sha256: FILE_SHA256.to_vec(),
+    }
+}
+
+fn file_chunk() -> FileChunk {
+    FileChunk {
+        file_id: 3,
+        offset: 1,
+        size: 2,
+        data: b"B".to_vec(),
+        sha256: FILE_SHA256.to_vec(),
+    }
 }
 
 fn golden_dir() -> PathBuf {
@@ -324,7 +352,10 @@ fn every_kind_has_a_golden_frame() {
         .collect();
     kinds.sort_unstable();
     kinds.dedup();
-    assert_eq!(kinds, (1..=14).collect::<Vec<u16>>());
+    // Every kind of the core protocol, and the file kinds whose layout carries the hash.
+    let mut expected: Vec<u16> = (1..=14).collect();
+    expected.extend([Kind::FileInfo as u16, Kind::FileChunk as u16]);
+    assert_eq!(kinds, expected);
 }
 
 #[test]
@@ -538,6 +569,17 @@ fn golden_files_decode_to_the_example_values() {
         Some(ErrorCode::UnknownUser)
     );
     assert_eq!(error.message.as_str(), "no such user");
+
+    let p = decode_golden("file_info", Kind::FileInfo, 8);
+    let info = access::<ArchivedFileInfo>(Kind::FileInfo, &p).unwrap();
+    let info: FileInfo = rkyv::deserialize::<_, Failure>(info).unwrap();
+    assert_eq!(info, file_info());
+    assert_eq!(info.sha256.len(), 32);
+
+    let p = decode_golden("file_chunk", Kind::FileChunk, 9);
+    let chunk = access::<ArchivedFileChunk>(Kind::FileChunk, &p).unwrap();
+    let chunk: FileChunk = rkyv::deserialize::<_, Failure>(chunk).unwrap();
+    assert_eq!(chunk, file_chunk());
 }
 
 #[test]

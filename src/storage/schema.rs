@@ -51,8 +51,9 @@ use crate::limits::DEVICE_NAME_SIZE_MAX;
 pub(crate) type Db = heed::Database<'static, Bytes, Bytes>;
 
 /// Version of the layout above. A store written by another layout is refused at open
-/// rather than misread.
-pub(crate) const SCHEMA_VERSION: u64 = 1;
+/// rather than misread. 2: a stored `FILE_MESSAGE` record's attachment carries the file's
+/// SHA-256.
+pub(crate) const SCHEMA_VERSION: u64 = 2;
 
 /// Named databases in the schema; `max_dbs` of the environment.
 pub(crate) const DATABASES_MAX: u32 = 24;

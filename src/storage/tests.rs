@@ -869,7 +869,11 @@ fn other_schema_version_is_refused() {
     store
         .dbs()
         .meta
-        .put(&mut txn, META_SCHEMA_VERSION, &2u64.to_be_bytes())
+        .put(
+            &mut txn,
+            META_SCHEMA_VERSION,
+            &(schema::SCHEMA_VERSION + 1).to_be_bytes(),
+        )
         .unwrap();
     txn.commit().unwrap();
     drop(store);
