@@ -105,6 +105,28 @@ pub const MAP_READERS_MAX: u32 = 256;
 /// Token lifetime.
 pub const TOKEN_LIFETIME_MS: u64 = 30 * 24 * 3600 * 1000;
 
+/// Threads that check passwords (argon2id), for the whole node. A check takes tens of ms
+/// and 19 MiB while it runs, so 2 threads cost at most 38 MiB and leave the shards their
+/// cores; the threads run at a lower priority (nice 10) than the shards.
+pub const LOGIN_HASH_THREADS: usize = 2;
+/// Password checks waiting for a hashing thread. A login that finds the queue full is
+/// answered `busy` at once. Each waiting check holds its password and stored hash
+/// (≤ ~400 B), so the queue costs ≤ 26 KiB.
+pub const LOGIN_HASH_QUEUE_MAX: usize = 64;
+/// Failed password logins an account, or a source address, may have before each further
+/// attempt must wait. An address gets more: several users can share one (NAT).
+pub const LOGIN_FAILURES_FREE_ACCOUNT: u32 = 3;
+pub const LOGIN_FAILURES_FREE_ADDRESS: u32 = 10;
+/// Wait after the first failure past the free ones; it doubles with each further failure
+/// up to `LOGIN_THROTTLE_DELAY_MS_MAX`.
+pub const LOGIN_THROTTLE_DELAY_MS_BASE: u64 = 500;
+pub const LOGIN_THROTTLE_DELAY_MS_MAX: u64 = 60_000;
+/// A failure record is forgotten this long after its last failure.
+pub const LOGIN_THROTTLE_FORGET_MS: u64 = 15 * 60 * 1000;
+/// Accounts and addresses with a failure record, each. One record is ~64 B with its map
+/// slot, so both maps cost ≤ 1 MiB; when one is full the stalest record is dropped.
+pub const LOGIN_THROTTLE_ENTRIES_MAX: usize = 8192;
+
 /// Most shards one node runs.
 pub const SHARDS_MAX: usize = 256;
 
@@ -176,6 +198,9 @@ const _: () =
 const _: () =
     assert!(FILE_CHUNK_SIZE_MAX + FILE_NAME_SIZE_MAX + FILE_MIME_SIZE_MAX + 256 < FRAME_SIZE_MAX);
 const _: () = assert!(FILE_SIZE_MAX <= USER_FILES_BYTES_MAX);
+const _: () = assert!(LOGIN_HASH_THREADS >= 1 && LOGIN_HASH_QUEUE_MAX >= LOGIN_HASH_THREADS);
+const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_BASE <= LOGIN_THROTTLE_DELAY_MS_MAX);
+const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_MAX < LOGIN_THROTTLE_FORGET_MS);
 const _: () = assert!(USER_FILES_BYTES_MAX <= NODE_FILES_BYTES_MAX);
 
 #[cfg(test)]

@@ -208,6 +208,11 @@ impl Conn {
         self.phase == Phase::Closing
     }
 
+    /// Whether a `Login` awaits its answer (`login_ok` or `login_failed`).
+    pub fn is_logging_in(&self) -> bool {
+        self.phase == Phase::LoggingIn
+    }
+
     pub fn is_authenticated(&self) -> bool {
         matches!(self.phase, Phase::Established)
     }

@@ -25,6 +25,8 @@ pub enum ShardMsg {
     Deliver(Delivery),
     /// Another login replaced this connection's device.
     Kick { conn: ConnId },
+    /// A hashing thread checked the password of a login on this shard.
+    Login(super::login::LoginVerdict),
     /// A user watched by `conn` came online or went offline.
     Presence {
         conn: ConnId,

@@ -4,9 +4,10 @@
 //! A shard owns its connections outright. It reads the store through short read
 //! transactions (never blocking), hands writes to the store writer through a bounded queue,
 //! and learns of commits through its mailbox. Architecture invariant: a shard thread never
-//! blocks outside its backend's wait, except for a password hash at first login.
+//! blocks outside its backend's wait (password hashes run on `login::HashPool`).
 
 mod files;
+pub mod login;
 pub mod mailbox;
 mod presence;
 mod team;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, TokenKey};
+use crate::auth::TokenKey;
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::io::{Handler, Transmit};
 use crate::limits::{
@@ -27,9 +28,9 @@ use crate::limits::{
     SHARD_UNAUTHENTICATED_MAX, SYNC_PAGE_BYTES_MAX, SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS,
     TIMER_TICK_MS,
 };
-use crate::protocol::{EntryRef, ErrorCode, LoginOk, SyncPageRef};
+use crate::protocol::{EntryRef, ErrorCode, SyncPageRef};
 use crate::routing::Directory;
-use crate::session::{Conn, Credential, Identity, Request, SessionConfig};
+use crate::session::{Conn, Request, SessionConfig};
 use crate::storage::{Delivery, OpResult, Origin, Store, WriteOp, WriterHandle};
 
 use mailbox::{Mailbox, ShardMsg};
@@ -43,6 +44,10 @@ pub struct ShardContext {
     pub directory: Arc<Directory>,
     pub mailboxes: Arc<[Mailbox]>,
     pub token_key: Arc<TokenKey>,
+    /// The node's password-checking threads.
+    pub hash_pool: login::HashPool,
+    /// Failed password logins per account and per source address, node-wide.
+    pub throttle: Arc<login::SharedThrottle>,
     /// Shared so that handing it to a connection per received chunk costs no allocation.
     pub session: Arc<SessionConfig>,
     /// Whether quiet spells of heartbeats may stretch the loop's waits (`serve
@@ -65,6 +70,8 @@ pub struct ShardStats {
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
+    /// Where the connection came from: failed logins are throttled per source address.
+    peer: std::net::IpAddr,
 }
 
 pub struct Shard {
@@ -240,87 +247,6 @@ impl Shard {
         }
     }
 
-    fn login(
-        &mut self,
-        conn_id: ConnId,
-        request_id: u32,
-        user: String,
-        device: String,
-        credential: Credential,
-        now_ms: u64,
-    ) {
-        let wall_ms = wall_clock_ms();
-        let checked = (|| -> Result<(UserId, u64, u64), (ErrorCode, String)> {
-            let view = self.ctx.store.read().map_err(storage_failed)?;
-            let record = view
-                .user_by_name(&user)
-                .map_err(storage_failed)?
-                .ok_or((ErrorCode::AuthFailed, "wrong user or credential".to_owned()))?;
-            let valid = match &credential {
-                Credential::Password(password) => {
-                    auth::verify_password(password, &record.password_hash)
-                }
-                Credential::Token(token) => self
-                    .ctx
-                    .token_key
-                    .verify(token, wall_ms)
-                    .is_ok_and(|id| id == record.id),
-            };
-            if !valid {
-                return Err((ErrorCode::AuthFailed, "wrong user or credential".to_owned()));
-            }
-            let head = view.head_seq(record.id).map_err(storage_failed)?;
-            let acked = view
-                .device_acked_seq(record.id, &device)
-                .map_err(storage_failed)?;
-            Ok((record.id, head, acked))
-        })();
-        let (user_id, head_seq, acked_seq) = match checked {
-            Ok(found) => found,
-            Err((code, message)) => {
-                if let Some(conn) = self.conn_mut(conn_id) {
-                    conn.login_failed(request_id, code, &message);
-                }
-                self.mark_dirty(conn_id);
-                return;
-            }
-        };
-        // Register before answering, so every entry committed from now on is pushed; the
-        // client's sync after login covers everything before.
-        if let Some(old) = self
-            .ctx
-            .directory
-            .register(user_id, &device, self.id, conn_id)
-        {
-            self.kick(old.shard, old.conn);
-        }
-        let (token, token_expires_at_ms) = self.ctx.token_key.issue(user_id, wall_ms);
-        let ok = LoginOk {
-            user_id: user_id.0,
-            token,
-            token_expires_at_ms,
-            head_seq,
-            acked_seq,
-        };
-        let identity = Identity {
-            user: user_id,
-            name: user,
-            device,
-        };
-        let mut requests = std::mem::take(&mut self.requests);
-        let session = self.ctx.session.clone();
-        let Some(conn) = self.conn_mut(conn_id) else {
-            return;
-        };
-        conn.login_ok(request_id, identity, &ok, now_ms, &session, &mut requests);
-        self.requests = requests;
-        self.stats.unauthenticated -= 1;
-        self.stats.logins += 1;
-        self.online.entry(user_id).or_default().push(conn_id);
-        self.presence_connected(user_id);
-        self.mark_dirty(conn_id);
-    }
-
     fn kick(&mut self, shard: ShardId, conn: ConnId) {
         self.stats.kicks += 1;
         if shard == self.id {
@@ -494,6 +420,7 @@ impl Shard {
                 self.mark_dirty(origin.conn);
             }
             ShardMsg::Deliver(delivery) => self.deliveries.push(delivery),
+            ShardMsg::Login(verdict) => self.login_verified(verdict, self.now_ms),
             ShardMsg::Kick { conn } => {
                 if let Some(c) = self.conn_mut(conn) {
                     c.kick("another login replaced this device");
@@ -546,7 +473,7 @@ impl Shard {
 }
 
 impl Handler for Shard {
-    fn accepted(&mut self, conn_id: ConnId, _peer: SocketAddr, now: Instant) -> bool {
+    fn accepted(&mut self, conn_id: ConnId, peer: SocketAddr, now: Instant) -> bool {
         if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX
             || self.stats.connections >= SHARD_CONNECTIONS_MAX
             || self.ctx.stop.load(Ordering::Relaxed)
@@ -558,6 +485,7 @@ impl Handler for Shard {
             self.slots.resize_with(index + 1, || Slot {
                 generation: 0,
                 conn: None,
+                peer: std::net::IpAddr::from([0, 0, 0, 0]),
             });
         }
         let now_ms = self.now_ms(now);
@@ -565,6 +493,7 @@ impl Handler for Shard {
         assert!(slot.conn.is_none(), "backend reused a live slot");
         slot.generation = conn_id.generation;
         slot.conn = Some(Conn::new(now_ms));
+        slot.peer = peer.ip();
         self.stats.connections += 1;
         self.stats.unauthenticated += 1;
         // One wheel entry per connection for its whole life. The first check comes no later

@@ -1,0 +1,370 @@
+//! Login: token checks on the shard, password checks on the node's hashing threads, and
+//! failed-login throttling.
+//!
+//! A token costs one HMAC and is checked in place. A password costs an argon2id run (tens
+//! of ms, 19 MiB), which must never stall a shard's other connections: the shard hands it
+//! to `HashPool` (`LOGIN_HASH_THREADS` threads behind a queue of `LOGIN_HASH_QUEUE_MAX`;
+//! a full queue answers `busy` at once), and the verdict comes back through the shard's
+//! mailbox (`ShardMsg::Login`). The connection waits in the session's logging-in phase
+//! meanwhile, holding what its client pipelined. Failed password logins are counted per
+//! account and per source address (`auth::LoginThrottle`, one per node); while either
+//! must wait, a password login is refused with `throttled` without being checked.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use super::mailbox::{Mailbox, ShardMsg};
+use super::{Shard, storage_failed, wall_clock_ms};
+use crate::auth::{self, LoginThrottle};
+use crate::ids::{ConnId, ShardId, UserId};
+use crate::limits::{LOGIN_HASH_QUEUE_MAX, LOGIN_HASH_THREADS};
+use crate::protocol::{ErrorCode, LoginOk};
+use crate::session::{Credential, Identity};
+use crate::storage::UserRecord;
+
+/// Nice value of the hashing threads: below the shards, so a storm of password checks
+/// takes the CPU the shards leave rather than theirs.
+const HASH_THREAD_NICE: i32 = 10;
+
+/// A password check for a hashing thread.
+#[derive(Debug)]
+pub struct PasswordCheck {
+    pub shard: ShardId,
+    pub conn: ConnId,
+    pub request_id: u32,
+    /// The account, or None when no user has the name (checked against a stand-in hash so
+    /// the answer takes as long as for a real account).
+    pub account: Option<UserId>,
+    pub name: String,
+    pub device: String,
+    pub password: String,
+    pub phc_hash: String,
+}
+
+/// The outcome of a `PasswordCheck`, back on the connection's shard.
+#[derive(Debug)]
+pub struct LoginVerdict {
+    pub conn: ConnId,
+    pub request_id: u32,
+    pub account: Option<UserId>,
+    pub name: String,
+    pub device: String,
+    pub valid: bool,
+}
+
+/// The node's password-checking threads. Cheap to clone (a channel sender); the threads
+/// end when the last clone is dropped.
+#[derive(Clone)]
+pub struct HashPool {
+    jobs: Sender<PasswordCheck>,
+}
+
+impl HashPool {
+    /// Starts `LOGIN_HASH_THREADS` threads that answer into `mailboxes`.
+    pub fn spawn(mailboxes: Arc<[Mailbox]>) -> std::io::Result<(HashPool, Vec<JoinHandle<()>>)> {
+        let (jobs, queue) = crossbeam_channel::bounded(LOGIN_HASH_QUEUE_MAX);
+        let mut threads = Vec::with_capacity(LOGIN_HASH_THREADS);
+        for i in 0..LOGIN_HASH_THREADS {
+            let queue = queue.clone();
+            let mailboxes = mailboxes.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tern-login-{i}"))
+                    .spawn(move || hash_thread(queue, mailboxes))?,
+            );
+        }
+        Ok((HashPool { jobs }, threads))
+    }
+
+    /// Queues a check; false when the queue is full (or the threads are gone), and the
+    /// check is dropped.
+    pub fn try_submit(&self, check: PasswordCheck) -> bool {
+        match self.jobs.try_send(check) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+fn hash_thread(queue: Receiver<PasswordCheck>, mailboxes: Arc<[Mailbox]>) {
+    // SAFETY: setpriority(2) on the calling thread (who = 0; Linux nice values are per
+    // thread); a failure only leaves the default priority.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, HASH_THREAD_NICE) };
+    static STAND_IN: OnceLock<String> = OnceLock::new();
+    while let Ok(check) = queue.recv() {
+        let valid = match check.account {
+            Some(_) => auth::verify_password(&check.password, &check.phc_hash),
+            None => {
+                // Same cost as a real check; a password never matches a random salt's
+                // hash of a password nobody knows.
+                let stand_in = STAND_IN.get_or_init(|| {
+                    let mut secret = [0u8; 16];
+                    let _ = getrandom::fill(&mut secret);
+                    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+                    auth::hash_password(&secret).unwrap_or_default()
+                });
+                let _ = auth::verify_password(&check.password, stand_in);
+                false
+            }
+        };
+        let verdict = LoginVerdict {
+            conn: check.conn,
+            request_id: check.request_id,
+            account: check.account,
+            name: check.name,
+            device: check.device,
+            valid,
+        };
+        let mailbox = &mailboxes[check.shard.0 as usize];
+        mailbox.put_waiting(ShardMsg::Login(verdict));
+        mailbox.wake();
+    }
+}
+
+/// The node's `LoginThrottle` with the clock it counts in, shared by every shard (a short
+/// lock per password login).
+pub struct SharedThrottle {
+    epoch: Instant,
+    inner: Mutex<LoginThrottle>,
+}
+
+impl Default for SharedThrottle {
+    fn default() -> SharedThrottle {
+        SharedThrottle {
+            epoch: Instant::now(),
+            inner: Mutex::new(LoginThrottle::new()),
+        }
+    }
+}
+
+impl SharedThrottle {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LoginThrottle> {
+        // A panic elsewhere cannot leave the records inconsistent: every update is one
+        // map operation.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_ms(&self, account: Option<UserId>, address: IpAddr) -> u64 {
+        let now_ms = self.now_ms();
+        self.lock().wait_ms(account, address, now_ms)
+    }
+
+    fn failed(&self, account: Option<UserId>, address: IpAddr) {
+        let now_ms = self.now_ms();
+        self.lock().failed(account, address, now_ms);
+    }
+
+    fn succeeded(&self, account: UserId) {
+        self.lock().succeeded(account);
+    }
+}
+
+impl Shard {
+    pub(super) fn login(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        user: String,
+        device: String,
+        credential: Credential,
+        now_ms: u64,
+    ) {
+        let record = match self
+            .ctx
+            .store
+            .read()
+            .and_then(|view| view.user_by_name(&user))
+        {
+            Ok(record) => record,
+            Err(e) => {
+                let (code, message) = storage_failed(e);
+                return self.refuse_login(conn_id, request_id, code, &message);
+            }
+        };
+        match credential {
+            Credential::Token(token) => {
+                let record = record.filter(|r| {
+                    self.ctx
+                        .token_key
+                        .verify(&token, wall_clock_ms())
+                        .is_ok_and(|id| id == r.id)
+                });
+                match record {
+                    Some(record) => self.complete_login(
+                        conn_id,
+                        request_id,
+                        record.id,
+                        record.name,
+                        device,
+                        now_ms,
+                    ),
+                    None => self.refuse_login(
+                        conn_id,
+                        request_id,
+                        ErrorCode::AuthFailed,
+                        "wrong user or credential",
+                    ),
+                }
+            }
+            Credential::Password(password) => {
+                self.check_password(conn_id, request_id, record, user, device, password)
+            }
+        }
+    }
+
+    fn check_password(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        record: Option<UserRecord>,
+        name: String,
+        device: String,
+        password: String,
+    ) {
+        let account = record.as_ref().map(|r| r.id);
+        let address = self.peer(conn_id);
+        let wait_ms = self.ctx.throttle.wait_ms(account, address);
+        if wait_ms > 0 {
+            let message = format!("too many failed logins; retry in {wait_ms} ms");
+            return self.refuse_login(conn_id, request_id, ErrorCode::Throttled, &message);
+        }
+        let check = PasswordCheck {
+            shard: self.id,
+            conn: conn_id,
+            request_id,
+            account,
+            // The stored spelling names the session.
+            name: record.as_ref().map_or(name, |r| r.name.clone()),
+            device,
+            password,
+            phc_hash: record.map(|r| r.password_hash).unwrap_or_default(),
+        };
+        if !self.ctx.hash_pool.try_submit(check) {
+            self.refuse_login(
+                conn_id,
+                request_id,
+                ErrorCode::Busy,
+                "too many password checks in progress; retry later",
+            );
+        }
+    }
+
+    /// A hashing thread's verdict on a password login of this shard.
+    pub(super) fn login_verified(&mut self, verdict: LoginVerdict, now_ms: u64) {
+        let address = self.peer(verdict.conn);
+        let account = match (verdict.valid, verdict.account) {
+            (true, Some(account)) => account,
+            _ => {
+                // Counted even when the connection is gone: closing it must not hide a guess.
+                self.ctx.throttle.failed(verdict.account, address);
+                return self.refuse_login(
+                    verdict.conn,
+                    verdict.request_id,
+                    ErrorCode::AuthFailed,
+                    "wrong user or credential",
+                );
+            }
+        };
+        self.ctx.throttle.succeeded(account);
+        self.complete_login(
+            verdict.conn,
+            verdict.request_id,
+            account,
+            verdict.name,
+            verdict.device,
+            now_ms,
+        );
+    }
+
+    /// Where `conn_id` connected from (unspecified if it is gone).
+    fn peer(&self, conn_id: ConnId) -> IpAddr {
+        self.slots
+            .get(conn_id.index as usize)
+            .filter(|slot| slot.generation == conn_id.generation)
+            .map_or(IpAddr::from([0, 0, 0, 0]), |slot| slot.peer)
+    }
+
+    /// Answers a login with an error (which closes the connection), if the connection is
+    /// still waiting for it.
+    fn refuse_login(&mut self, conn_id: ConnId, request_id: u32, code: ErrorCode, message: &str) {
+        let Some(conn) = self.conn_mut(conn_id) else {
+            return;
+        };
+        if !conn.is_logging_in() {
+            return;
+        }
+        conn.login_failed(request_id, code, message);
+        self.mark_dirty(conn_id);
+    }
+
+    /// Registers the device, issues a token and answers `LoginOk`, if the connection is
+    /// still waiting for it.
+    fn complete_login(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        user_id: UserId,
+        name: String,
+        device: String,
+        now_ms: u64,
+    ) {
+        if !self.conn_mut(conn_id).is_some_and(|c| c.is_logging_in()) {
+            return;
+        }
+        let cursors = self.ctx.store.read().and_then(|view| {
+            Ok((
+                view.head_seq(user_id)?,
+                view.device_acked_seq(user_id, &device)?,
+            ))
+        });
+        let (head_seq, acked_seq) = match cursors {
+            Ok(found) => found,
+            Err(e) => {
+                let (code, message) = storage_failed(e);
+                return self.refuse_login(conn_id, request_id, code, &message);
+            }
+        };
+        // Register before answering, so every entry committed from now on is pushed; the
+        // client's sync after login covers everything before.
+        if let Some(old) = self
+            .ctx
+            .directory
+            .register(user_id, &device, self.id, conn_id)
+        {
+            self.kick(old.shard, old.conn);
+        }
+        let (token, token_expires_at_ms) = self.ctx.token_key.issue(user_id, wall_clock_ms());
+        let ok = LoginOk {
+            user_id: user_id.0,
+            token,
+            token_expires_at_ms,
+            head_seq,
+            acked_seq,
+        };
+        let identity = Identity {
+            user: user_id,
+            name,
+            device,
+        };
+        let mut requests = std::mem::take(&mut self.requests);
+        let session = self.ctx.session.clone();
+        let conn = self.conn_mut(conn_id).expect("checked above");
+        conn.login_ok(request_id, identity, &ok, now_ms, &session, &mut requests);
+        self.requests = requests;
+        self.stats.unauthenticated -= 1;
+        self.stats.logins += 1;
+        self.online.entry(user_id).or_default().push(conn_id);
+        self.presence_connected(user_id);
+        self.mark_dirty(conn_id);
+        // What the client pipelined behind its login runs now.
+        self.handle_requests(conn_id, now_ms);
+    }
+}
