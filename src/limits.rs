@@ -48,8 +48,15 @@ pub const CONNECTION_INFLIGHT_MAX: u32 = 1024;
 pub const SHARD_CONNECTIONS_MAX: usize = 1 << 20;
 
 /// Connections that have not logged in yet, per shard. Bounds the work a flood of
-/// half-open clients can cause.
+/// half-open clients can cause. When the table is full, a new connection closes the one
+/// that has waited longest (a legitimate client logs in within ms), so a flood cannot
+/// lock others out. The table's arrival queue costs ≤ 2 × 4096 × 8 B = 64 KiB.
 pub const SHARD_UNAUTHENTICATED_MAX: usize = 4096;
+/// Connections one source address may have in a shard's table of connections that have
+/// not logged in; past it, its new connections are refused at accept. Sixteen addresses
+/// are needed to fill a table. Each address with a connection waiting costs a ~40 B map
+/// entry (≤ 4096 per shard).
+pub const SHARD_UNAUTHENTICATED_PER_ADDRESS_MAX: usize = 256;
 
 /// io_uring provided-buffer ring, one per shard: how many receive buffers and how large.
 /// Every connection's multishot recv draws from this pool and gives the buffer back as
@@ -121,6 +128,12 @@ pub const LOGIN_FAILURES_FREE_ADDRESS: u32 = 10;
 /// up to `LOGIN_THROTTLE_DELAY_MS_MAX`.
 pub const LOGIN_THROTTLE_DELAY_MS_BASE: u64 = 500;
 pub const LOGIN_THROTTLE_DELAY_MS_MAX: u64 = 60_000;
+/// A `throttled` answer is held this long (or until the wait ends, if sooner) before it
+/// is sent, so a guesser's connections each take a while: a guessing loop that would
+/// otherwise spin at hundreds of refusals per second costs the node (and the box) little.
+/// Each held answer is one entry per waiting connection, bounded by
+/// `SHARD_UNAUTHENTICATED_MAX`.
+pub const LOGIN_THROTTLE_ANSWER_HOLD_MS_MAX: u64 = 1_000;
 /// A failure record is forgotten this long after its last failure.
 pub const LOGIN_THROTTLE_FORGET_MS: u64 = 15 * 60 * 1000;
 /// Accounts and addresses with a failure record, each. One record is ~64 B with its map
@@ -179,6 +192,7 @@ pub const UPLOADS_PER_CONNECTION_MAX: usize = 4;
 pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
 
 const _: () = assert!(FRAME_HEADER_SIZE < FRAME_SIZE_MAX);
+const _: () = assert!(SHARD_UNAUTHENTICATED_PER_ADDRESS_MAX <= SHARD_UNAUTHENTICATED_MAX);
 const _: () = assert!(MESSAGE_TEXT_SIZE_MAX + 1024 < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
 const _: () = assert!(TIMER_SLOTS.is_power_of_two());

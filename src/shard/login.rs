@@ -21,7 +21,7 @@ use super::mailbox::{Mailbox, ShardMsg};
 use super::{Shard, storage_failed, wall_clock_ms};
 use crate::auth::{self, LoginThrottle};
 use crate::ids::{ConnId, ShardId, UserId};
-use crate::limits::{LOGIN_HASH_QUEUE_MAX, LOGIN_HASH_THREADS};
+use crate::limits::{LOGIN_HASH_QUEUE_MAX, LOGIN_HASH_THREADS, LOGIN_THROTTLE_ANSWER_HOLD_MS_MAX};
 use crate::protocol::{ErrorCode, LoginOk};
 use crate::session::{Credential, Identity};
 use crate::storage::UserRecord;
@@ -123,6 +123,17 @@ fn hash_thread(queue: Receiver<PasswordCheck>, mailboxes: Arc<[Mailbox]>) {
         mailbox.put_waiting(ShardMsg::Login(verdict));
         mailbox.wake();
     }
+}
+
+/// A `throttled` answer waiting to be sent (`LOGIN_THROTTLE_ANSWER_HOLD_MS_MAX`).
+#[derive(Debug)]
+pub(super) struct HeldRefusal {
+    /// Shard ms at which to answer.
+    due_ms: u64,
+    /// Shard ms at which the throttle's wait ends (the answer states what is left).
+    wait_end_ms: u64,
+    conn: ConnId,
+    request_id: u32,
 }
 
 /// The node's `LoginThrottle` with the clock it counts in, shared by every shard (a short
@@ -233,8 +244,16 @@ impl Shard {
         let address = self.peer(conn_id);
         let wait_ms = self.ctx.throttle.wait_ms(account, address);
         if wait_ms > 0 {
-            let message = format!("too many failed logins; retry in {wait_ms} ms");
-            return self.refuse_login(conn_id, request_id, ErrorCode::Throttled, &message);
+            // Answered later, so a guessing loop cannot spin on quick refusals. The
+            // connection stays in the table of those waiting to log in meanwhile.
+            let now_ms = self.now_ms;
+            self.held_refusals.push(HeldRefusal {
+                due_ms: now_ms + wait_ms.min(LOGIN_THROTTLE_ANSWER_HOLD_MS_MAX),
+                wait_end_ms: now_ms + wait_ms,
+                conn: conn_id,
+                request_id,
+            });
+            return;
         }
         let check = PasswordCheck {
             shard: self.id,
@@ -255,6 +274,34 @@ impl Shard {
                 "too many password checks in progress; retry later",
             );
         }
+    }
+
+    /// Sends the held `throttled` answers that are due; returns ms until the next one.
+    pub(super) fn answer_held_refusals(&mut self, now_ms: u64) -> Option<u64> {
+        if self.held_refusals.is_empty() {
+            return None;
+        }
+        let mut held = std::mem::take(&mut self.held_refusals);
+        held.retain(|refusal| {
+            if refusal.due_ms > now_ms {
+                return true;
+            }
+            let left_ms = refusal.wait_end_ms.saturating_sub(now_ms);
+            let message = format!("too many failed logins; retry in {left_ms} ms");
+            self.refuse_login(
+                refusal.conn,
+                refusal.request_id,
+                ErrorCode::Throttled,
+                &message,
+            );
+            false
+        });
+        // Connections that closed meanwhile need no answer; the rest stay bounded by the
+        // table of connections waiting to log in.
+        held.retain(|refusal| self.conn_mut(refusal.conn).is_some());
+        let next = held.iter().map(|r| r.due_ms - now_ms).min();
+        self.held_refusals = held;
+        next
     }
 
     /// A hashing thread's verdict on a password login of this shard.
@@ -359,7 +406,7 @@ impl Shard {
         let conn = self.conn_mut(conn_id).expect("checked above");
         conn.login_ok(request_id, identity, &ok, now_ms, &session, &mut requests);
         self.requests = requests;
-        self.stats.unauthenticated -= 1;
+        self.leave_preauth(conn_id);
         self.stats.logins += 1;
         self.online.entry(user_id).or_default().push(conn_id);
         self.presence_connected(user_id);

@@ -9,6 +9,7 @@
 mod files;
 pub mod login;
 pub mod mailbox;
+mod preauth;
 mod presence;
 mod team;
 pub mod timer_wheel;
@@ -65,6 +66,8 @@ pub struct ShardStats {
     pub timeouts: u64,
     pub kicks: u64,
     pub backlog_overflows: u64,
+    /// Connections that had not logged in, closed to make room for newer ones.
+    pub preauth_evictions: u64,
 }
 
 struct Slot {
@@ -72,6 +75,9 @@ struct Slot {
     conn: Option<Conn>,
     /// Where the connection came from: failed logins are throttled per source address.
     peer: std::net::IpAddr,
+    /// The connection counts in the table of connections that have not logged in
+    /// (`stats.unauthenticated`, `preauth`).
+    preauth: bool,
 }
 
 pub struct Shard {
@@ -103,6 +109,11 @@ pub struct Shard {
     /// Uploads in progress per connection (at most `UPLOADS_PER_CONNECTION_MAX` each).
     uploads: HashMap<ConnId, Vec<files::Upload>>,
     next_upload_id: u64,
+    /// Connections that have not logged in: arrival order, count per source address.
+    preauth: preauth::PreAuth,
+    /// `throttled` login answers held back for a while (at most one per connection that
+    /// has not logged in).
+    held_refusals: Vec<login::HeldRefusal>,
     stats: ShardStats,
 }
 
@@ -128,6 +139,8 @@ impl Shard {
             ephemeral_pending: Vec::new(),
             uploads: HashMap::new(),
             next_upload_id: 0,
+            preauth: preauth::PreAuth::default(),
+            held_refusals: Vec::new(),
             stats: ShardStats::default(),
         }
     }
@@ -177,6 +190,7 @@ impl Shard {
         }
         let conn = slot.conn.take()?;
         self.stats.connections -= 1;
+        self.leave_preauth(conn_id);
         // The temp files stay: a later start of the same content resumes them.
         self.uploads.remove(&conn_id);
         if let Some(identity) = conn.identity() {
@@ -190,10 +204,41 @@ impl Shard {
                 }
             }
             self.presence_forgotten(conn_id, identity.user);
-        } else {
-            self.stats.unauthenticated -= 1;
         }
         Some(conn)
+    }
+
+    /// Takes `conn_id` out of the table of connections that have not logged in, if it is
+    /// there (it logged in, closed, or was evicted).
+    fn leave_preauth(&mut self, conn_id: ConnId) {
+        let Some(slot) = self.slots.get_mut(conn_id.index as usize) else {
+            return;
+        };
+        if slot.generation != conn_id.generation || !slot.preauth {
+            return;
+        }
+        slot.preauth = false;
+        self.stats.unauthenticated -= 1;
+        self.preauth.left(slot.peer);
+    }
+
+    /// Makes room in a full table of connections that have not logged in: closes the one
+    /// that has waited longest.
+    fn evict_oldest_preauth(&mut self) {
+        let slots = &self.slots;
+        let Some(oldest) = self.preauth.oldest(|c| waiting_for_login(slots, c)) else {
+            return;
+        };
+        self.stats.preauth_evictions += 1;
+        if let Some(conn) = self.conn_mut(oldest) {
+            conn.fail(
+                0,
+                ErrorCode::Timeout,
+                "closed before login: too many connections are waiting to log in",
+            );
+        }
+        self.leave_preauth(oldest);
+        self.mark_dirty(oldest);
     }
 
     fn handle_requests(&mut self, conn_id: ConnId, now_ms: u64) {
@@ -474,11 +519,14 @@ impl Shard {
 
 impl Handler for Shard {
     fn accepted(&mut self, conn_id: ConnId, peer: SocketAddr, now: Instant) -> bool {
-        if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX
-            || self.stats.connections >= SHARD_CONNECTIONS_MAX
+        if self.stats.connections >= SHARD_CONNECTIONS_MAX
             || self.ctx.stop.load(Ordering::Relaxed)
+            || self.preauth.address_full(peer.ip())
         {
             return false;
+        }
+        if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX {
+            self.evict_oldest_preauth();
         }
         let index = conn_id.index as usize;
         if self.slots.len() <= index {
@@ -486,6 +534,7 @@ impl Handler for Shard {
                 generation: 0,
                 conn: None,
                 peer: std::net::IpAddr::from([0, 0, 0, 0]),
+                preauth: false,
             });
         }
         let now_ms = self.now_ms(now);
@@ -494,8 +543,12 @@ impl Handler for Shard {
         slot.generation = conn_id.generation;
         slot.conn = Some(Conn::new(now_ms));
         slot.peer = peer.ip();
+        slot.preauth = true;
         self.stats.connections += 1;
         self.stats.unauthenticated += 1;
+        let slots = &self.slots;
+        self.preauth
+            .admit(conn_id, peer.ip(), |c| waiting_for_login(slots, c));
         // One wheel entry per connection for its whole life. The first check comes no later
         // than either deadline it can have: the handshake's, or the idle timeout of a login
         // that completes at once. Later checks re-insert at the real deadline.
@@ -582,7 +635,13 @@ impl Handler for Shard {
         if !self.kicks_pending.is_empty() || !self.ephemeral_pending.is_empty() {
             return Some(Duration::from_millis(1));
         }
-        self.wheel.timeout_ms(now_ms).map(Duration::from_millis)
+        let held_ms = self.answer_held_refusals(now_ms);
+        let wheel_ms = self.wheel.timeout_ms(now_ms);
+        match (held_ms, wheel_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(Duration::from_millis)
     }
 
     fn flush(&mut self, transmit: &mut dyn Transmit) {
@@ -635,6 +694,13 @@ impl Handler for Shard {
         self.ctx.heartbeat_coalescing
             && self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS
     }
+}
+
+/// Whether `conn` is in its shard's table of connections that have not logged in.
+fn waiting_for_login(slots: &[Slot], conn: ConnId) -> bool {
+    slots
+        .get(conn.index as usize)
+        .is_some_and(|slot| slot.generation == conn.generation && slot.preauth)
 }
 
 fn storage_failed(e: crate::storage::StoreError) -> (ErrorCode, String) {
