@@ -462,9 +462,10 @@ fn handle_frame(
             if user.is_empty() || user.len() > USER_NAME_SIZE_MAX {
                 return Err((id, ErrorCode::AuthFailed, "bad user name".into()));
             }
-            if device.is_empty() || device.len() > DEVICE_NAME_SIZE_MAX {
-                return Err((id, ErrorCode::AuthFailed, "bad device name".into()));
-            }
+            // Devices are named like users (NFC, no outer whitespace or control
+            // characters), so two spellings of one device share its cursor.
+            let device = crate::names::normalize(device, DEVICE_NAME_SIZE_MAX)
+                .map_err(|e| (id, ErrorCode::AuthFailed, format!("bad device name: {e}")))?;
             let credential = match &login.credential {
                 ArchivedCredential::Password(p) if p.len() <= PASSWORD_SIZE_MAX => {
                     Credential::Password(p.as_str().to_owned())
@@ -477,7 +478,7 @@ fn handle_frame(
             requests.push(Request::Login {
                 request_id: id,
                 user: user.to_owned(),
-                device: device.to_owned(),
+                device,
                 credential,
             });
             *phase = Phase::LoggingIn;

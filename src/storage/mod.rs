@@ -158,13 +158,11 @@ impl Store {
     }
 
     /// Creates a user in its own write transaction. Ids start at 1 and are never reused.
+    ///
+    /// The name is stored in NFC (`names::normalize`) and must be unique ignoring case
+    /// (`names::user_key`): `AlreadyExists` for `BOB` beside `bob`.
     pub fn add_user(&self, name: &str, password_hash: &str) -> Result<UserId, StoreError> {
-        if name.is_empty() {
-            return Err(StoreError::InvalidArgument("user name is empty"));
-        }
-        if name.len() > USER_NAME_SIZE_MAX {
-            return Err(StoreError::InvalidArgument("user name is too long"));
-        }
+        let name = &user_name_checked(name)?;
         if password_hash.is_empty() {
             return Err(StoreError::InvalidArgument("password hash is empty"));
         }
@@ -174,9 +172,10 @@ impl Store {
             .env
             .write_txn()
             .map_err(StoreError::lmdb("begin add_user txn"))?;
+        let key = crate::names::user_key(name);
         let taken = dbs
             .users
-            .get(&txn, name.as_bytes())
+            .get(&txn, key.as_bytes())
             .map_err(StoreError::lmdb("read user"))?;
         if taken.is_some() {
             return Err(StoreError::AlreadyExists);
@@ -189,7 +188,7 @@ impl Store {
         value.extend_from_slice(&id.to_be_bytes());
         value.extend_from_slice(password_hash.as_bytes());
         dbs.users
-            .put(&mut txn, name.as_bytes(), &value)
+            .put(&mut txn, key.as_bytes(), &value)
             .map_err(StoreError::lmdb("write user"))?;
         let user = UserId(id);
         dbs.user_names
@@ -251,4 +250,17 @@ fn round_up_to_page(size: usize) -> Result<usize, StoreError> {
         })?;
     size.checked_next_multiple_of(page)
         .ok_or(StoreError::InvalidArgument("map size overflows"))
+}
+
+/// `name` in NFC if it is a valid user name (`names`), or why not.
+pub(crate) fn user_name_checked(name: &str) -> Result<String, StoreError> {
+    use crate::names::NameError;
+    crate::names::normalize(name, USER_NAME_SIZE_MAX).map_err(|e| {
+        StoreError::InvalidArgument(match e {
+            NameError::Empty => "user name is empty",
+            NameError::TooLong => "user name is too long",
+            NameError::OuterWhitespace => "user name starts or ends with whitespace",
+            NameError::Control => "user name holds a control character",
+        })
+    })
 }
