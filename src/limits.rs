@@ -188,6 +188,9 @@ pub const FILE_NAME_SIZE_MAX: usize = 255;
 pub const FILE_MIME_SIZE_MAX: usize = 127;
 /// Uploads one connection has open at once; each holds an open temp file.
 pub const UPLOADS_PER_CONNECTION_MAX: usize = 4;
+/// Most devices in one `DevicesPage` (the first by name). Each item is at most ~90 B, so a
+/// page stays far inside one frame.
+pub const DEVICES_PAGE_MAX: usize = 256;
 /// Bytes of the last message shown in a conversation-list preview.
 pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
 
@@ -212,6 +215,7 @@ const _: () =
 const _: () =
     assert!(FILE_CHUNK_SIZE_MAX + FILE_NAME_SIZE_MAX + FILE_MIME_SIZE_MAX + 256 < FRAME_SIZE_MAX);
 const _: () = assert!(FILE_SIZE_MAX <= USER_FILES_BYTES_MAX);
+const _: () = assert!(DEVICES_PAGE_MAX * (8 + DEVICE_NAME_SIZE_MAX + 8 + 2) < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(LOGIN_HASH_THREADS >= 1 && LOGIN_HASH_QUEUE_MAX >= LOGIN_HASH_THREADS);
 const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_BASE <= LOGIN_THROTTLE_DELAY_MS_MAX);
 const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_MAX < LOGIN_THROTTLE_FORGET_MS);

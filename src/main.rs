@@ -84,6 +84,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
+    /// A user's devices on a running node: list, revoke (JSON lines).
+    Device {
+        #[command(subcommand)]
+        command: cli_account::DeviceCommand,
+    },
+    /// Log --device out of a running node (its tokens stop working), or every device of
+    /// --user with --everywhere.
+    Logout {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(long)]
+        everywhere: bool,
+    },
     /// Groups: create, add, remove, leave, rename, info, list, send (JSON lines).
     Group {
         #[command(subcommand)]
@@ -190,6 +203,14 @@ enum UserCommand {
         #[arg(long)]
         map_size_mib: Option<usize>,
     },
+    /// Change --user's password (--password is the current one) on a running node: every
+    /// token of the user stops working and its connections are closed.
+    Passwd {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(long)]
+        new_password: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -230,6 +251,18 @@ fn main() -> ExitCode {
                     map_size_mib,
                 },
         } => user_add_bulk(&data, &prefix, first, count, &password, map_size_mib),
+        Command::User {
+            command:
+                UserCommand::Passwd {
+                    account,
+                    new_password,
+                },
+        } => cli_account::passwd(&account, &new_password),
+        Command::Device { command } => cli_account::device(command),
+        Command::Logout {
+            account,
+            everywhere,
+        } => cli_account::logout(&account, everywhere),
         Command::Send { account, to, text } => cli_client::send(&account, &to, &text),
         Command::Sync { account, after } => cli_client::sync(&account, after),
         Command::Group { command } => cli_team::group(command),
@@ -453,5 +486,6 @@ fn user_add_bulk(
     Ok(())
 }
 
+mod cli_account;
 mod cli_client;
 mod cli_team;

@@ -13,4 +13,4 @@ pub use password::{
     ARGON2_M_COST_KIB, ARGON2_P_COST, ARGON2_T_COST, AuthError, hash_password, verify_password,
 };
 pub use throttle::LoginThrottle;
-pub use token::{TOKEN_KEY_SIZE, TokenError, TokenKey};
+pub use token::{TOKEN_KEY_SIZE, TokenClaims, TokenError, TokenKey};

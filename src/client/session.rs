@@ -841,7 +841,8 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::UploadReady
             | Kind::UploadAck
             | Kind::FileInfo
-            | Kind::FileChunk => self.on_response(header, payload, now),
+            | Kind::FileChunk
+            | Kind::DevicesPage => self.on_response(header, payload, now),
             Kind::PresencePush | Kind::TypingPush => {
                 match team::decode_push(header.kind, payload) {
                     Some(event) => self.events.push_back(event),
@@ -872,7 +873,10 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::UploadChunk
             | Kind::UploadFinish
             | Kind::FileSend
-            | Kind::Download => self.peer_fault(now, "client-only frame kind from node"),
+            | Kind::Download
+            | Kind::Logout
+            | Kind::ChangePassword
+            | Kind::Devices => self.peer_fault(now, "client-only frame kind from node"),
         }
     }
 

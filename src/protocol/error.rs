@@ -55,6 +55,10 @@ pub enum ErrorCode {
     /// was refused without checking the password. The message says how many ms to wait.
     /// Closed (it answers a `Login`).
     Throttled = 22,
+    /// The device's tokens were revoked (its logout, a revoke from another device, a
+    /// password change): sent in `Kicked` to every connection it closes. Log in with the
+    /// password again.
+    Revoked = 23,
 }
 
 impl ErrorCode {
@@ -83,6 +87,7 @@ impl ErrorCode {
             20 => UnknownFile,
             21 => FileMismatch,
             22 => Throttled,
+            23 => Revoked,
             _ => return None,
         })
     }
@@ -101,6 +106,7 @@ impl ErrorCode {
                 | ReplacedByNewLogin
                 | ShuttingDown
                 | Throttled
+                | Revoked
         )
     }
 
@@ -129,6 +135,7 @@ impl ErrorCode {
             UnknownFile => "unknown_file",
             FileMismatch => "file_mismatch",
             Throttled => "throttled",
+            Revoked => "revoked",
         }
     }
 }
@@ -139,12 +146,12 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in 1..=22u16 {
+        for code in 1..=23u16 {
             let e = ErrorCode::from_u16(code).unwrap();
             assert_eq!(e as u16, code);
             assert!(!e.name().is_empty());
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(23), None);
+        assert_eq!(ErrorCode::from_u16(24), None);
     }
 }

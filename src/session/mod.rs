@@ -118,6 +118,21 @@ pub enum Request {
         request_id: u32,
         conv: u64,
     },
+    // Account (`session::account`, `shard::account`).
+    Logout {
+        request_id: u32,
+        everywhere: bool,
+    },
+    ChangePassword {
+        request_id: u32,
+        old: String,
+        new: String,
+    },
+    Devices {
+        request_id: u32,
+        /// A device (NFC) to revoke first.
+        revoke: Option<String>,
+    },
     // Files (`session::files`, `shard::files`).
     UploadStart {
         request_id: u32,
@@ -345,11 +360,17 @@ impl Conn {
 
     /// Another login took this device: tell the peer why, then close.
     pub fn kick(&mut self, message: &str) {
+        self.kick_with(ErrorCode::ReplacedByNewLogin, message);
+    }
+
+    /// Sends `Kicked { code }` and closes: the node ends this session for a reason of its
+    /// own (`ReplacedByNewLogin`, `Revoked`).
+    pub fn kick_with(&mut self, code: ErrorCode, message: &str) {
         if self.phase == Phase::Closing {
             return;
         }
         let kicked = Kicked {
-            code: ErrorCode::ReplacedByNewLogin as u16,
+            code: code as u16,
             message: truncate(message, ERROR_MESSAGE_SIZE_MAX).to_owned(),
         };
         protocol::encode(&mut self.out, Kind::Kicked, 0, &kicked);
@@ -543,6 +564,9 @@ fn handle_frame(
         (Phase::Established, kind) if files::is_file_request(kind) => {
             files::handle_frame(out, header, payload, requests)
         }
+        (Phase::Established, kind) if account::is_account_request(kind) => {
+            account::handle_frame(out, header, payload, requests)
+        }
         (_, kind) => Err((
             id,
             ErrorCode::ProtocolViolation,
@@ -565,6 +589,7 @@ fn answer_ping(out: &mut Vec<u8>, header: FrameHeader, payload: &[u8]) -> Result
     Ok(())
 }
 
+mod account;
 mod files;
 mod team;
 

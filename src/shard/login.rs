@@ -17,14 +17,13 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use super::mailbox::{Mailbox, ShardMsg};
+use super::mailbox::{KickWhy, Mailbox, ShardMsg};
 use super::{Shard, storage_failed, wall_clock_ms};
-use crate::auth::{self, LoginThrottle};
+use crate::auth::{self, LoginThrottle, TokenClaims};
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::limits::{LOGIN_HASH_QUEUE_MAX, LOGIN_HASH_THREADS, LOGIN_THROTTLE_ANSWER_HOLD_MS_MAX};
 use crate::protocol::{ErrorCode, LoginOk};
 use crate::session::{Credential, Identity};
-use crate::storage::UserRecord;
 
 /// Nice value of the hashing threads: below the shards, so a storm of password checks
 /// takes the CPU the shards leave rather than theirs.
@@ -43,6 +42,12 @@ pub struct PasswordCheck {
     pub device: String,
     pub password: String,
     pub phc_hash: String,
+    /// The user's token generation when the check was asked for: a password change that
+    /// commits meanwhile makes the login fail rather than get a fresh token.
+    pub user_generation: u64,
+    /// A password change (`ChangePassword`): the new password, hashed on the same thread
+    /// once the old one matched.
+    pub new_password: Option<String>,
 }
 
 /// The outcome of a `PasswordCheck`, back on the connection's shard.
@@ -54,6 +59,9 @@ pub struct LoginVerdict {
     pub name: String,
     pub device: String,
     pub valid: bool,
+    pub user_generation: u64,
+    /// For a password change: the new password's hash (None if hashing failed).
+    pub new_hash: Option<Option<String>>,
 }
 
 /// The node's password-checking threads. Cheap to clone (a channel sender); the threads
@@ -111,6 +119,9 @@ fn hash_thread(queue: Receiver<PasswordCheck>, mailboxes: Arc<[Mailbox]>) {
                 false
             }
         };
+        let new_hash = check
+            .new_password
+            .map(|new| valid.then(|| auth::hash_password(&new).ok()).flatten());
         let verdict = LoginVerdict {
             conn: check.conn,
             request_id: check.request_id,
@@ -118,6 +129,8 @@ fn hash_thread(queue: Receiver<PasswordCheck>, mailboxes: Arc<[Mailbox]>) {
             name: check.name,
             device: check.device,
             valid,
+            user_generation: check.user_generation,
+            new_hash,
         };
         let mailbox = &mailboxes[check.shard.0 as usize];
         mailbox.put_waiting(ShardMsg::Login(verdict));
@@ -163,12 +176,12 @@ impl SharedThrottle {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wait_ms(&self, account: Option<UserId>, address: IpAddr) -> u64 {
+    pub(super) fn wait_ms(&self, account: Option<UserId>, address: IpAddr) -> u64 {
         let now_ms = self.now_ms();
         self.lock().wait_ms(account, address, now_ms)
     }
 
-    fn failed(&self, account: Option<UserId>, address: IpAddr) {
+    pub(super) fn failed(&self, account: Option<UserId>, address: IpAddr) {
         let now_ms = self.now_ms();
         self.lock().failed(account, address, now_ms);
     }
@@ -188,13 +201,15 @@ impl Shard {
         credential: Credential,
         now_ms: u64,
     ) {
-        let record = match self
-            .ctx
-            .store
-            .read()
-            .and_then(|view| view.user_by_name(&user))
-        {
-            Ok(record) => record,
+        let looked_up = self.ctx.store.read().and_then(|view| {
+            let Some(record) = view.user_by_name(&user)? else {
+                return Ok(None);
+            };
+            let generations = view.generations(record.id, &device)?;
+            Ok(Some((record, generations)))
+        });
+        let found = match looked_up {
+            Ok(found) => found,
             Err(e) => {
                 let (code, message) = storage_failed(e);
                 return self.refuse_login(conn_id, request_id, code, &message);
@@ -202,22 +217,33 @@ impl Shard {
         };
         match credential {
             Credential::Token(token) => {
-                let record = record.filter(|r| {
-                    self.ctx
-                        .token_key
-                        .verify(&token, wall_clock_ms())
-                        .is_ok_and(|id| id == r.id)
-                });
-                match record {
-                    Some(record) => self.complete_login(
-                        conn_id,
-                        request_id,
-                        record.id,
-                        record.name,
-                        device,
-                        now_ms,
-                    ),
-                    None => self.refuse_login(
+                // Valid: signed for this device, unexpired, for this user, and issued
+                // under the current generations (nothing revoked it since).
+                let claims = self
+                    .ctx
+                    .token_key
+                    .verify(&token, &device, wall_clock_ms())
+                    .ok();
+                match (found, claims) {
+                    (Some((record, (user_gen, device_gen))), Some(claims))
+                        if claims
+                            == (TokenClaims {
+                                user: record.id,
+                                user_generation: user_gen,
+                                device_generation: device_gen,
+                            }) =>
+                    {
+                        self.complete_login(
+                            conn_id,
+                            request_id,
+                            record.id,
+                            record.name,
+                            device,
+                            Some(user_gen),
+                            now_ms,
+                        )
+                    }
+                    _ => self.refuse_login(
                         conn_id,
                         request_id,
                         ErrorCode::AuthFailed,
@@ -226,23 +252,32 @@ impl Shard {
                 }
             }
             Credential::Password(password) => {
-                self.check_password(conn_id, request_id, record, user, device, password)
+                let user_generation = found.as_ref().map_or(0, |(_, (g, _))| *g);
+                let record = found.map(|(record, _)| record);
+                let check = PasswordCheck {
+                    shard: self.id,
+                    conn: conn_id,
+                    request_id,
+                    account: record.as_ref().map(|r| r.id),
+                    // The stored spelling names the session.
+                    name: record.as_ref().map_or(user, |r| r.name.clone()),
+                    device,
+                    password,
+                    phc_hash: record.map(|r| r.password_hash).unwrap_or_default(),
+                    user_generation,
+                    new_password: None,
+                };
+                self.check_password(check)
             }
         }
     }
 
-    fn check_password(
-        &mut self,
-        conn_id: ConnId,
-        request_id: u32,
-        record: Option<UserRecord>,
-        name: String,
-        device: String,
-        password: String,
-    ) {
-        let account = record.as_ref().map(|r| r.id);
+    /// Queues a password check on the hashing threads, unless the account or the source
+    /// address must wait (then a `throttled` answer is held) or the queue is full (`busy`).
+    pub(super) fn check_password(&mut self, check: PasswordCheck) {
+        let (conn_id, request_id) = (check.conn, check.request_id);
         let address = self.peer(conn_id);
-        let wait_ms = self.ctx.throttle.wait_ms(account, address);
+        let wait_ms = self.ctx.throttle.wait_ms(check.account, address);
         if wait_ms > 0 {
             // Answered later, so a guessing loop cannot spin on quick refusals. The
             // connection stays in the table of those waiting to log in meanwhile.
@@ -255,17 +290,6 @@ impl Shard {
             });
             return;
         }
-        let check = PasswordCheck {
-            shard: self.id,
-            conn: conn_id,
-            request_id,
-            account,
-            // The stored spelling names the session.
-            name: record.as_ref().map_or(name, |r| r.name.clone()),
-            device,
-            password,
-            phc_hash: record.map(|r| r.password_hash).unwrap_or_default(),
-        };
         if !self.ctx.hash_pool.try_submit(check) {
             self.refuse_login(
                 conn_id,
@@ -306,6 +330,9 @@ impl Shard {
 
     /// A hashing thread's verdict on a password login of this shard.
     pub(super) fn login_verified(&mut self, verdict: LoginVerdict, now_ms: u64) {
+        if verdict.new_hash.is_some() {
+            return self.password_change_checked(verdict);
+        }
         let address = self.peer(verdict.conn);
         let account = match (verdict.valid, verdict.account) {
             (true, Some(account)) => account,
@@ -327,12 +354,13 @@ impl Shard {
             account,
             verdict.name,
             verdict.device,
+            Some(verdict.user_generation),
             now_ms,
         );
     }
 
     /// Where `conn_id` connected from (unspecified if it is gone).
-    fn peer(&self, conn_id: ConnId) -> IpAddr {
+    pub(super) fn peer(&self, conn_id: ConnId) -> IpAddr {
         self.slots
             .get(conn_id.index as usize)
             .filter(|slot| slot.generation == conn_id.generation)
@@ -341,19 +369,29 @@ impl Shard {
 
     /// Answers a login with an error (which closes the connection), if the connection is
     /// still waiting for it.
-    fn refuse_login(&mut self, conn_id: ConnId, request_id: u32, code: ErrorCode, message: &str) {
+    pub(super) fn refuse_login(
+        &mut self,
+        conn_id: ConnId,
+        request_id: u32,
+        code: ErrorCode,
+        message: &str,
+    ) {
         let Some(conn) = self.conn_mut(conn_id) else {
             return;
         };
-        if !conn.is_logging_in() {
-            return;
+        if conn.is_logging_in() {
+            conn.login_failed(request_id, code, message);
+        } else {
+            // A password change on an established connection.
+            conn.fail(request_id, code, message);
         }
-        conn.login_failed(request_id, code, message);
         self.mark_dirty(conn_id);
     }
 
     /// Registers the device, issues a token and answers `LoginOk`, if the connection is
-    /// still waiting for it.
+    /// still waiting for it and the user's generation is still `user_generation` (the one
+    /// its credential was checked under).
+    #[allow(clippy::too_many_arguments)]
     fn complete_login(
         &mut self,
         conn_id: ConnId,
@@ -361,6 +399,7 @@ impl Shard {
         user_id: UserId,
         name: String,
         device: String,
+        user_generation: Option<u64>,
         now_ms: u64,
     ) {
         if !self.conn_mut(conn_id).is_some_and(|c| c.is_logging_in()) {
@@ -370,15 +409,25 @@ impl Shard {
             Ok((
                 view.head_seq(user_id)?,
                 view.device_acked_seq(user_id, &device)?,
+                view.generations(user_id, &device)?,
             ))
         });
-        let (head_seq, acked_seq) = match cursors {
+        let (head_seq, acked_seq, (user_gen, device_gen)) = match cursors {
             Ok(found) => found,
             Err(e) => {
                 let (code, message) = storage_failed(e);
                 return self.refuse_login(conn_id, request_id, code, &message);
             }
         };
+        if user_generation.is_some_and(|g| g != user_gen) {
+            // The password changed (or everything was logged out) while this was checked.
+            return self.refuse_login(
+                conn_id,
+                request_id,
+                ErrorCode::AuthFailed,
+                "the credentials changed; log in again",
+            );
+        }
         // Register before answering, so every entry committed from now on is pushed; the
         // client's sync after login covers everything before.
         if let Some(old) = self
@@ -386,9 +435,15 @@ impl Shard {
             .directory
             .register(user_id, &device, self.id, conn_id)
         {
-            self.kick(old.shard, old.conn);
+            self.kick(old.shard, old.conn, KickWhy::Replaced);
         }
-        let (token, token_expires_at_ms) = self.ctx.token_key.issue(user_id, wall_clock_ms());
+        let claims = TokenClaims {
+            user: user_id,
+            user_generation: user_gen,
+            device_generation: device_gen,
+        };
+        let (token, token_expires_at_ms) =
+            self.ctx.token_key.issue(claims, &device, wall_clock_ms());
         let ok = LoginOk {
             user_id: user_id.0,
             token,

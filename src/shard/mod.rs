@@ -6,6 +6,7 @@
 //! and learns of commits through its mailbox. Architecture invariant: a shard thread never
 //! blocks outside its backend's wait (password hashes run on `login::HashPool`).
 
+mod account;
 mod files;
 pub mod login;
 pub mod mailbox;
@@ -34,7 +35,7 @@ use crate::routing::Directory;
 use crate::session::{Conn, Request, SessionConfig};
 use crate::storage::{Delivery, OpResult, Origin, Store, WriteOp, WriterHandle};
 
-use mailbox::{Mailbox, ShardMsg};
+use mailbox::{KickWhy, Mailbox, ShardMsg};
 use timer_wheel::TimerWheel;
 
 /// Everything a shard shares with the rest of the node.
@@ -94,7 +95,7 @@ pub struct Shard {
     expired: Vec<ConnId>,
     deliveries: Vec<Delivery>,
     /// Kicks for other shards whose mailboxes were full; retried next turn.
-    kicks_pending: Vec<(ShardId, ConnId)>,
+    kicks_pending: Vec<(ShardId, ConnId, KickWhy)>,
     /// Something other than heartbeats was handled since `heartbeats_only` last asked.
     urgent: bool,
     /// Monotonic ms of the last urgent work; heartbeat coalescing waits for a quiet spell.
@@ -285,6 +286,7 @@ impl Shard {
             other => {
                 let unhandled = self
                     .handle_team_request(conn_id, other)
+                    .and_then(|other| self.handle_account_request(conn_id, other))
                     .and_then(|other| self.handle_presence_request(conn_id, other, now_ms))
                     .and_then(|other| self.handle_file_request(conn_id, other));
                 debug_assert!(unhandled.is_none(), "request without a handler");
@@ -292,19 +294,26 @@ impl Shard {
         }
     }
 
-    fn kick(&mut self, shard: ShardId, conn: ConnId) {
+    fn kick(&mut self, shard: ShardId, conn: ConnId, why: KickWhy) {
         self.stats.kicks += 1;
         if shard == self.id {
-            if let Some(c) = self.conn_mut(conn) {
-                c.kick("another login replaced this device");
-                self.mark_dirty(conn);
-            }
-        } else if let Err(ShardMsg::Kick { conn }) =
-            self.ctx.mailboxes[shard.0 as usize].try_put(ShardMsg::Kick { conn })
+            self.kick_here(conn, why);
+        } else if let Err(ShardMsg::Kick { conn, why }) =
+            self.ctx.mailboxes[shard.0 as usize].try_put(ShardMsg::Kick { conn, why })
         {
-            self.kicks_pending.push((shard, conn));
+            self.kicks_pending.push((shard, conn, why));
         } else {
             self.ctx.mailboxes[shard.0 as usize].wake();
+        }
+    }
+
+    fn kick_here(&mut self, conn: ConnId, why: KickWhy) {
+        if let Some(c) = self.conn_mut(conn) {
+            match why {
+                KickWhy::Replaced => c.kick("another login replaced this device"),
+                KickWhy::Revoked(message) => c.kick_with(ErrorCode::Revoked, message),
+            }
+            self.mark_dirty(conn);
         }
     }
 
@@ -466,12 +475,7 @@ impl Shard {
             }
             ShardMsg::Deliver(delivery) => self.deliveries.push(delivery),
             ShardMsg::Login(verdict) => self.login_verified(verdict, self.now_ms),
-            ShardMsg::Kick { conn } => {
-                if let Some(c) = self.conn_mut(conn) {
-                    c.kick("another login replaced this device");
-                    self.mark_dirty(conn);
-                }
-            }
+            ShardMsg::Kick { conn, why } => self.kick_here(conn, why),
             msg @ (ShardMsg::Presence { .. } | ShardMsg::Typing { .. }) => {
                 self.handle_ephemeral(msg)
             }
@@ -586,8 +590,8 @@ impl Handler for Shard {
     fn tick(&mut self, now: Instant) -> Option<Duration> {
         let now_ms = self.now_ms(now);
         self.now_ms = now_ms;
-        for (shard, conn) in std::mem::take(&mut self.kicks_pending) {
-            self.kick(shard, conn);
+        for (shard, conn, why) in std::mem::take(&mut self.kicks_pending) {
+            self.kick(shard, conn, why);
         }
         self.retry_ephemeral();
         let mailboxes = self.ctx.mailboxes.clone();

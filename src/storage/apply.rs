@@ -31,7 +31,8 @@ pub(super) fn check(op: &WriteOp) -> Result<(), StoreError> {
         | WriteOp::GroupSend { .. }
         | WriteOp::Read { .. }
         | WriteOp::FileCommit { .. }
-        | WriteOp::FileSend(_) => Ok(()),
+        | WriteOp::FileSend(_)
+        | WriteOp::Account(_) => Ok(()),
         WriteOp::DeviceAck { user, device, .. } => match DeviceKey::new(*user, device) {
             Some(_) => Ok(()),
             None => Err(StoreError::InvalidArgument("device name")),
@@ -180,6 +181,7 @@ pub(super) fn in_one_txn(
                 };
                 files::apply_file_send(&mut txn, dbs, fields, results, deliveries)?;
             }
+            WriteOp::Account(op) => super::account::apply_account(&mut txn, dbs, op, results)?,
         }
     }
     // Dropping `txn` on an error above aborts it.

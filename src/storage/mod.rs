@@ -11,6 +11,7 @@
 //! transaction beyond one request (it pins old pages and fills the map); or cache a counter
 //! outside a transaction (another process may have written since).
 
+mod account;
 mod apply;
 mod bulk;
 mod conversations;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 
 use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
 
+pub use account::{AccountChange, AccountOp, Revoked};
 pub use bulk::{BULK_USERS_MAX, BulkUsers};
 pub use error::StoreError;
 pub use files::{FileMeta, blob_path, upload_path};

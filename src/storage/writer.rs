@@ -97,6 +97,9 @@ pub enum WriteOp {
     /// A message carrying a file, 1:1 (`to`) or to a group. Answered like a send. Boxed:
     /// it is the largest op, and every queue slot would pay for it.
     FileSend(Box<FileSendOp>),
+    /// A logout, password change or device revoke (`storage::account`). Answered with
+    /// `Reply::Revoked`.
+    Account(Box<super::account::AccountOp>),
 }
 
 /// The fields of `WriteOp::FileSend`.
@@ -124,6 +127,7 @@ pub enum Reply {
     Group(GroupInfo),
     Read(ReadOk),
     File(FileInfo),
+    Revoked(super::account::Revoked),
 }
 
 /// The outcome of one `WriteOp::Send`.
@@ -399,6 +403,7 @@ fn op_origin(op: &WriteOp) -> Option<Origin> {
         | WriteOp::Read { origin, .. }
         | WriteOp::FileCommit { origin, .. } => Some(*origin),
         WriteOp::FileSend(op) => Some(op.origin),
+        WriteOp::Account(op) => Some(op.origin),
         WriteOp::DeviceAck { .. } => None,
     }
 }
