@@ -600,3 +600,29 @@ fn golden_frames_reassemble_from_one_stream_byte_by_byte() {
     assert_eq!(kinds.len(), names.len());
     assert_eq!(reader.buffered(), 0);
 }
+
+/// docs/protocol.md §3.2: an empty `Vec` must point where its elements would start (the end
+/// of the out-of-line data written before it), not at offset 0. The frame a client wrote
+/// from the old wording (offset 0) is refused; rkyv's own form is the worked example.
+#[test]
+fn an_empty_vec_points_where_its_elements_would_start() {
+    let rename = GroupOp {
+        op: group_op::RENAME,
+        group_id: 1,
+        name: "x".into(),
+        users: Vec::new(),
+    };
+    let bytes = frame(Kind::GroupOp, 3, &rename);
+    let payload = &bytes[FRAME_HEADER_SIZE..];
+    assert_eq!(
+        payload.len(),
+        25,
+        "no out-of-line data: the payload is the root"
+    );
+    // users @17: offset -17 (to payload start, where elements would be), length 0.
+    assert_eq!(&payload[17..25], &[0xef, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    assert!(access::<ArchivedGroupOp>(Kind::GroupOp, payload).is_ok());
+    let mut documented_before = payload.to_vec();
+    documented_before[17..21].copy_from_slice(&0i32.to_le_bytes());
+    assert!(access::<ArchivedGroupOp>(Kind::GroupOp, &documented_before).is_err());
+}

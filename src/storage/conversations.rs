@@ -306,6 +306,11 @@ fn preview(bytes: &[u8]) -> Result<(String, String), StoreError> {
         .map_err(|_| StoreError::Corrupt("stored record"))?;
         let text = match record.kind.to_native() {
             record_kind::GROUP_MESSAGE => record.text.as_str().to_owned(),
+            // A file message shows its caption, or else the file's name.
+            record_kind::FILE_MESSAGE => match (record.text.as_str(), record.attachments.first()) {
+                ("", Some(file)) => file.name.as_str().to_owned(),
+                (caption, _) => caption.to_owned(),
+            },
             record_kind::GROUP_CREATED => format!("created the group {}", record.text.as_str()),
             record_kind::MEMBERS_ADDED => format!("added {} member(s)", record.users.len()),
             record_kind::MEMBERS_REMOVED => format!("removed {} member(s)", record.users.len()),
