@@ -199,7 +199,8 @@ enum UserCommand {
         password: String,
         #[arg(long, default_value = "./tern-data")]
         data: PathBuf,
-        /// LMDB map size in MiB; give the node's value if it runs with --map-size-mib.
+        /// LMDB map size in MiB. Without it an existing store keeps the size recorded in
+        /// it (a running node's); with it the map may grow, and a running node adopts it.
         #[arg(long)]
         map_size_mib: Option<usize>,
     },
@@ -436,7 +437,8 @@ fn user_add(data: &std::path::Path, name: &str, password: &str) -> Result<(), St
             tern::limits::PASSWORD_SIZE_MAX
         ));
     }
-    let store = Store::open(data, &StoreConfig::default()).map_err(|e| e.to_string())?;
+    let store =
+        Store::open_beside_node(data, &StoreConfig::default()).map_err(|e| e.to_string())?;
     let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
     match store.add_user(name, &hash) {
         Ok(id) => {
@@ -463,10 +465,17 @@ fn user_add_bulk(
         ));
     }
     let mut config = StoreConfig::default();
-    if let Some(mib) = map_size_mib {
-        config.map_size = mib << 20;
+    let store = match map_size_mib {
+        // Asked for: this tool may grow the map; a running node adopts the new size.
+        Some(mib) => {
+            config.map_size = mib << 20;
+            Store::open(data, &config)
+        }
+        // An existing store keeps the size recorded in it (the running node's): the tool
+        // never grows the map under the node, and fails with "store full" if it cannot fit.
+        None => Store::open_beside_node(data, &config),
     }
-    let store = Store::open(data, &config).map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?;
     let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
     let bulk = store

@@ -50,10 +50,8 @@ pub(super) fn in_one_txn(
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
     let dbs = store.dbs();
-    let mut txn = store
-        .env()
-        .write_txn()
-        .map_err(StoreError::lmdb("begin write txn"))?;
+    // The gate keeps the map from being resized under the transaction (`Store::write_txn`).
+    let (_gate, mut txn) = store.write_txn()?;
     for op in ops.iter_mut() {
         match op {
             WriteOp::Send {

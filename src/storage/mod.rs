@@ -74,6 +74,11 @@ impl Default for StoreConfig {
     }
 }
 
+/// Longest a thread waits for every transaction of the process to end before adopting a
+/// map size another process grew (`Store::adopt_map_size`). Transactions last one request
+/// or one commit, so this is rarely more than a few ms; it happens once per resize.
+const MAP_RESIZE_WAIT_MS: u64 = 200;
+
 /// A 32-bit process must fit the whole map in its 3 GiB address space.
 #[cfg(target_pointer_width = "64")]
 const MAP_SIZE_DEFAULT: usize = crate::limits::MAP_SIZE_DEFAULT_64;
@@ -103,6 +108,11 @@ struct StoreInner {
     env: heed::Env<WithoutTls>,
     dbs: Dbs,
     durability: Durability,
+    /// Every transaction of this process holds it shared; adopting a map size grown by
+    /// another process takes it exclusively (LMDB may resize the map only while this
+    /// process has no transaction). Never waited on as a writer: `adopt_map_size` only
+    /// tries, so a thread holding a view may open another one without deadlock.
+    gate: std::sync::RwLock<()>,
 }
 
 // Shards and the writer share the store across threads.
@@ -118,6 +128,18 @@ impl Store {
     /// already has open fails with `StoreError::Lmdb` (`EnvAlreadyOpened`). Clone the
     /// `Store` instead. Other processes may open it at the same time.
     pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        Store::open_with(dir, config, false)
+    }
+
+    /// Opens the store the way an admin tool beside a running node must: an existing store
+    /// is opened with the map size recorded in it (the running node's), whatever
+    /// `config.map_size` says, so the tool never grows the map under the node; when it does
+    /// not fit, the tool fails with `StoreError::Full`. A new store gets `config.map_size`.
+    pub fn open_beside_node(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        Store::open_with(dir, config, dir.join("data.mdb").exists())
+    }
+
+    fn open_with(dir: &Path, config: &StoreConfig, adopt: bool) -> Result<Store, StoreError> {
         if config.map_size == 0 {
             return Err(StoreError::InvalidArgument("map size is zero"));
         }
@@ -128,9 +150,12 @@ impl Store {
         })?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
         options
-            .map_size(map_size)
             .max_dbs(schema::DATABASES_MAX)
             .max_readers(MAP_READERS_MAX);
+        if !adopt {
+            // Without it LMDB takes the size recorded in the environment.
+            options.map_size(map_size);
+        }
         if config.durability == Durability::None {
             // SAFETY: NO_SYNC only drops the fsync at commit. Without WRITE_MAP (never set
             // here) LMDB keeps atomicity and consistency; a system crash loses the most
@@ -155,6 +180,7 @@ impl Store {
                 env,
                 dbs,
                 durability: config.durability,
+                gate: std::sync::RwLock::new(()),
             }),
         })
     }
@@ -202,13 +228,87 @@ impl Store {
     }
 
     /// A short read transaction. Drop it before the request it serves is answered.
+    ///
+    /// If another process grew the map (LMDB's `MDB_MAP_RESIZED`, e.g. an admin tool run
+    /// with a larger `--map-size-mib`), adopts the new size and retries once.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        let txn = self
-            .inner
-            .env
-            .read_txn()
-            .map_err(StoreError::lmdb("begin read txn"))?;
-        Ok(ReadView::new(txn, &self.inner.dbs))
+        let mut adopted = false;
+        loop {
+            let gate = self.gate_shared();
+            match self.inner.env.read_txn() {
+                Ok(txn) => return Ok(ReadView::new(txn, &self.inner.dbs, gate)),
+                Err(heed::Error::Mdb(heed::MdbError::MapResized)) if !adopted => {
+                    drop(gate);
+                    self.adopt_map_size()?;
+                    adopted = true;
+                }
+                Err(e) => return Err(StoreError::lmdb("begin read txn")(e)),
+            }
+        }
+    }
+
+    /// A write transaction for the node's writer thread, with the gate that keeps the map
+    /// from being resized under it; like `read`, adopts a map grown by another process and
+    /// retries once. Keep the returned guard alive until the transaction is committed or
+    /// dropped: `let (_gate, mut txn) = store.write_txn()?;` (the tuple drops the
+    /// transaction first).
+    pub fn write_txn(
+        &self,
+    ) -> Result<(std::sync::RwLockReadGuard<'_, ()>, heed::RwTxn<'_>), StoreError> {
+        let mut adopted = false;
+        loop {
+            let gate = self.gate_shared();
+            match self.inner.env.write_txn() {
+                Ok(txn) => return Ok((gate, txn)),
+                Err(heed::Error::Mdb(heed::MdbError::MapResized)) if !adopted => {
+                    drop(gate);
+                    self.adopt_map_size()?;
+                    adopted = true;
+                }
+                Err(e) => return Err(StoreError::lmdb("begin write txn")(e)),
+            }
+        }
+    }
+
+    fn gate_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        // The gate guards no data: a panic while it was held leaves nothing inconsistent.
+        self.inner.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adopts the map size another process recorded (`mdb_env_set_mapsize(0)`), once no
+    /// transaction of this process is open. Tries for at most `MAP_RESIZE_WAIT_MS`
+    /// (transactions are short: the writer's lasts one commit); `StoreError::Busy` if
+    /// transactions never all ended in that time (the caller's request fails, the next one
+    /// tries again). Called by `read` and `write_txn` when LMDB reports `MDB_MAP_RESIZED`.
+    pub fn adopt_map_size(&self) -> Result<(), StoreError> {
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(MAP_RESIZE_WAIT_MS);
+        loop {
+            match self.inner.gate.try_write() {
+                Ok(_exclusive) => {
+                    // SAFETY: the exclusive gate means no transaction of this process is
+                    // open (every one holds the gate shared while it lives), which is
+                    // LMDB's condition for mdb_env_set_mapsize on an open environment.
+                    return unsafe { self.inner.env.resize(0) }
+                        .map_err(StoreError::lmdb("adopt map size"));
+                }
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    drop(e);
+                    self.inner.gate.clear_poison();
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Busy("another process resized the map"));
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
+        }
+    }
+
+    /// Bytes the map spans now (grows when another process's larger size is adopted).
+    pub fn map_size(&self) -> usize {
+        self.inner.env.info().map_size
     }
 
     pub fn durability(&self) -> Durability {

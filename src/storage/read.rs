@@ -16,13 +16,25 @@ use crate::limits::USER_NAME_SIZE_MAX;
 /// A read transaction on the store. Slices it hands out borrow the map and live as long as
 /// the view.
 pub struct ReadView<'s> {
+    // Field order is drop order: the transaction ends before the gate is released.
     txn: RoTxn<'s, WithoutTls>,
     dbs: &'s Dbs,
+    /// Held while the transaction lives, so the map is never resized under it
+    /// (`Store::adopt_map_size`).
+    _gate: std::sync::RwLockReadGuard<'s, ()>,
 }
 
 impl<'s> ReadView<'s> {
-    pub(super) fn new(txn: RoTxn<'s, WithoutTls>, dbs: &'s Dbs) -> ReadView<'s> {
-        ReadView { txn, dbs }
+    pub(super) fn new(
+        txn: RoTxn<'s, WithoutTls>,
+        dbs: &'s Dbs,
+        gate: std::sync::RwLockReadGuard<'s, ()>,
+    ) -> ReadView<'s> {
+        ReadView {
+            txn,
+            dbs,
+            _gate: gate,
+        }
     }
 
     pub(super) fn txn(&self) -> &RoTxn<'s, WithoutTls> {
