@@ -398,14 +398,136 @@ pub fn upload(
     Ok(())
 }
 
-/// Downloads a file by id into `out` (resuming a partial file already there).
+/// `out` with `suffix` appended to its file name (`out.txt` → `out.txt.part`).
+fn sibling(out: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Downloads file `file_id` to `out`.
+///
+/// The bytes go to `OUT.part`, beside a marker `OUT.part.id` holding the file id and the
+/// SHA-256 the node states for it. A later run resumes from `OUT.part` only when the marker
+/// names the same file and hash; any other partial file is started over, and whatever `out`
+/// holds is never read. When every byte is there the SHA-256 of `OUT.part` is checked, and
+/// only a match is synced and renamed onto `out`; a mismatch removes the partial file and
+/// fails, so nothing that looks complete is left behind.
 pub fn download(login: &Account, file_id: u64, out: &std::path::Path) -> Result<(), String> {
-    let mut data = std::fs::read(out).unwrap_or_default();
-    let size = with_client(login, |client| client.download(file_id, &mut data))?;
-    std::fs::write(out, &data).map_err(|e| format!("write {}: {e}", out.display()))?;
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, Write};
+
+    let part = sibling(out, ".part");
+    let marker = sibling(out, ".part.id");
+    let io = |what: &str, path: &std::path::Path, e: std::io::Error| {
+        format!("{what} {}: {e}", path.display())
+    };
+    let mut file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&part)
+        .map_err(|e| io("open", &part, e))?;
+    // "<file id> <sha256 hex>" of the partial file, if it is one of ours.
+    let held = std::fs::read_to_string(&marker).ok().and_then(|text| {
+        let (id, sha) = text.trim().split_once(' ')?;
+        (id.parse::<u64>().ok()? == file_id).then(|| sha.to_owned())
+    });
+    let mut expected = held;
+    let mut offset = if expected.is_some() {
+        file.metadata().map_err(|e| io("stat", &part, e))?.len()
+    } else {
+        0
+    };
+    let start_over = |file: &mut std::fs::File| -> Result<(), String> {
+        file.set_len(0).map_err(|e| io("truncate", &part, e))?;
+        let _ = std::fs::remove_file(&marker);
+        Ok(())
+    };
+    if offset == 0 {
+        start_over(&mut file)?;
+    }
+    let mut client = connect(login)?;
+    let size = loop {
+        let chunk = match client.download_chunk(file_id, offset) {
+            Ok(chunk) => chunk,
+            // A partial file longer than the file: not this file's bytes.
+            Err(ClientError::RequestFailed { code, .. })
+                if offset > 0 && code == tern::protocol::ErrorCode::InvalidArgument as u16 =>
+            {
+                start_over(&mut file)?;
+                (offset, expected) = (0, None);
+                continue;
+            }
+            Err(e) => {
+                client.close();
+                return Err(describe(login.server, e));
+            }
+        };
+        let sha = hex(&chunk.sha256);
+        match &expected {
+            Some(held) if *held == sha => {}
+            Some(_) => {
+                // The partial file was of other content: start over.
+                start_over(&mut file)?;
+                (offset, expected) = (0, None);
+                continue;
+            }
+            None => {
+                std::fs::write(&marker, format!("{file_id} {sha}\n"))
+                    .map_err(|e| io("write", &marker, e))?;
+                expected = Some(sha);
+            }
+        }
+        file.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| file.write_all(&chunk.data))
+            .map_err(|e| io("write", &part, e))?;
+        offset += chunk.data.len() as u64;
+        if offset >= chunk.size || chunk.data.is_empty() {
+            break chunk.size;
+        }
+    };
+    client.close();
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    file.seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| io("read", &part, e))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| io("read", &part, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        got += n as u64;
+    }
+    if got != size || expected.as_deref() != Some(hex(&hasher.finalize()).as_str()) {
+        drop(file);
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(&marker);
+        return Err(format!(
+            "file {file_id}: the downloaded bytes do not match its size and SHA-256; \
+             nothing was written to {} (run again to download it afresh)",
+            out.display()
+        ));
+    }
+    file.sync_all().map_err(|e| io("sync", &part, e))?;
+    drop(file);
+    std::fs::rename(&part, out).map_err(|e| io("rename onto", out, e))?;
+    let _ = std::fs::remove_file(&marker);
     println!(
         "{}",
-        json!({ "file_id": file_id, "size": size, "path": out.display().to_string() })
+        json!({
+            "file_id": file_id,
+            "size": size,
+            "sha256": expected,
+            "path": out.display().to_string(),
+        })
     );
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod client;
 pub mod ids;
 pub mod io;
 pub mod limits;
+pub mod names;
 pub mod node;
 pub mod protocol;
 pub mod routing;

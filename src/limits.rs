@@ -48,8 +48,15 @@ pub const CONNECTION_INFLIGHT_MAX: u32 = 1024;
 pub const SHARD_CONNECTIONS_MAX: usize = 1 << 20;
 
 /// Connections that have not logged in yet, per shard. Bounds the work a flood of
-/// half-open clients can cause.
+/// half-open clients can cause. When the table is full, a new connection closes the one
+/// that has waited longest (a legitimate client logs in within ms), so a flood cannot
+/// lock others out. The table's arrival queue costs ≤ 2 × 4096 × 8 B = 64 KiB.
 pub const SHARD_UNAUTHENTICATED_MAX: usize = 4096;
+/// Connections one source address may have in a shard's table of connections that have
+/// not logged in; past it, its new connections are refused at accept. Sixteen addresses
+/// are needed to fill a table. Each address with a connection waiting costs a ~40 B map
+/// entry (≤ 4096 per shard).
+pub const SHARD_UNAUTHENTICATED_PER_ADDRESS_MAX: usize = 256;
 
 /// io_uring provided-buffer ring, one per shard: how many receive buffers and how large.
 /// Every connection's multishot recv draws from this pool and gives the buffer back as
@@ -130,6 +137,34 @@ pub const MAP_READERS_MAX: u32 = 256;
 /// Token lifetime.
 pub const TOKEN_LIFETIME_MS: u64 = 30 * 24 * 3600 * 1000;
 
+/// Threads that check passwords (argon2id), for the whole node. A check takes tens of ms
+/// and 19 MiB while it runs, so 2 threads cost at most 38 MiB and leave the shards their
+/// cores; the threads run at a lower priority (nice 10) than the shards.
+pub const LOGIN_HASH_THREADS: usize = 2;
+/// Password checks waiting for a hashing thread. A login that finds the queue full is
+/// answered `busy` at once. Each waiting check holds its password and stored hash
+/// (≤ ~400 B), so the queue costs ≤ 26 KiB.
+pub const LOGIN_HASH_QUEUE_MAX: usize = 64;
+/// Failed password logins an account, or a source address, may have before each further
+/// attempt must wait. An address gets more: several users can share one (NAT).
+pub const LOGIN_FAILURES_FREE_ACCOUNT: u32 = 3;
+pub const LOGIN_FAILURES_FREE_ADDRESS: u32 = 10;
+/// Wait after the first failure past the free ones; it doubles with each further failure
+/// up to `LOGIN_THROTTLE_DELAY_MS_MAX`.
+pub const LOGIN_THROTTLE_DELAY_MS_BASE: u64 = 500;
+pub const LOGIN_THROTTLE_DELAY_MS_MAX: u64 = 60_000;
+/// A `throttled` answer is held this long (or until the wait ends, if sooner) before it
+/// is sent, so a guesser's connections each take a while: a guessing loop that would
+/// otherwise spin at hundreds of refusals per second costs the node (and the box) little.
+/// Each held answer is one entry per waiting connection, bounded by
+/// `SHARD_UNAUTHENTICATED_MAX`.
+pub const LOGIN_THROTTLE_ANSWER_HOLD_MS_MAX: u64 = 1_000;
+/// A failure record is forgotten this long after its last failure.
+pub const LOGIN_THROTTLE_FORGET_MS: u64 = 15 * 60 * 1000;
+/// Accounts and addresses with a failure record, each. One record is ~64 B with its map
+/// slot, so both maps cost ≤ 1 MiB; when one is full the stalest record is dropped.
+pub const LOGIN_THROTTLE_ENTRIES_MAX: usize = 8192;
+
 /// Most shards one node runs.
 pub const SHARDS_MAX: usize = 256;
 
@@ -178,10 +213,14 @@ pub const FILE_NAME_SIZE_MAX: usize = 255;
 pub const FILE_MIME_SIZE_MAX: usize = 127;
 /// Uploads one connection has open at once; each holds an open temp file.
 pub const UPLOADS_PER_CONNECTION_MAX: usize = 4;
+/// Most devices in one `DevicesPage` (the first by name). Each item is at most ~90 B, so a
+/// page stays far inside one frame.
+pub const DEVICES_PAGE_MAX: usize = 256;
 /// Bytes of the last message shown in a conversation-list preview.
 pub const CONVERSATION_PREVIEW_SIZE_MAX: usize = 120;
 
 const _: () = assert!(FRAME_HEADER_SIZE < FRAME_SIZE_MAX);
+const _: () = assert!(SHARD_UNAUTHENTICATED_PER_ADDRESS_MAX <= SHARD_UNAUTHENTICATED_MAX);
 const _: () = assert!(MESSAGE_TEXT_SIZE_MAX + 1024 < SYNC_PAGE_BYTES_MAX);
 const _: () = assert!(SYNC_PAGE_BYTES_MAX < FRAME_SIZE_MAX);
 const _: () = assert!(TIMER_SLOTS.is_power_of_two());
@@ -203,6 +242,10 @@ const _: () =
 const _: () =
     assert!(FILE_CHUNK_SIZE_MAX + FILE_NAME_SIZE_MAX + FILE_MIME_SIZE_MAX + 256 < FRAME_SIZE_MAX);
 const _: () = assert!(FILE_SIZE_MAX <= USER_FILES_BYTES_MAX);
+const _: () = assert!(DEVICES_PAGE_MAX * (8 + DEVICE_NAME_SIZE_MAX + 8 + 2) < SYNC_PAGE_BYTES_MAX);
+const _: () = assert!(LOGIN_HASH_THREADS >= 1 && LOGIN_HASH_QUEUE_MAX >= LOGIN_HASH_THREADS);
+const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_BASE <= LOGIN_THROTTLE_DELAY_MS_MAX);
+const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_MAX < LOGIN_THROTTLE_FORGET_MS);
 const _: () = assert!(USER_FILES_BYTES_MAX <= NODE_FILES_BYTES_MAX);
 
 #[cfg(test)]

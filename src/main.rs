@@ -90,6 +90,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
+    /// A user's devices on a running node: list, revoke (JSON lines).
+    Device {
+        #[command(subcommand)]
+        command: cli_account::DeviceCommand,
+    },
+    /// Log --device out of a running node (its tokens stop working), or every device of
+    /// --user with --everywhere.
+    Logout {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(long)]
+        everywhere: bool,
+    },
     /// Groups: create, add, remove, leave, rename, info, list, send (JSON lines).
     Group {
         #[command(subcommand)]
@@ -149,7 +162,8 @@ enum Command {
         #[arg(long, default_value = "application/octet-stream")]
         mime: String,
     },
-    /// Download a file by id (resumes into an existing partial --out file).
+    /// Download a file by id to --out, through --out.part (resumed by a later run for the
+    /// same file); verifies the SHA-256 before the file appears at --out.
     Download {
         #[command(flatten)]
         account: cli_client::Account,
@@ -191,9 +205,18 @@ enum UserCommand {
         password: String,
         #[arg(long, default_value = "./tern-data")]
         data: PathBuf,
-        /// LMDB map size in MiB; give the node's value if it runs with --map-size-mib.
+        /// LMDB map size in MiB. Without it an existing store keeps the size recorded in
+        /// it (a running node's); with it the map may grow, and a running node adopts it.
         #[arg(long)]
         map_size_mib: Option<usize>,
+    },
+    /// Change --user's password (--password is the current one) on a running node: every
+    /// token of the user stops working and its connections are closed.
+    Passwd {
+        #[command(flatten)]
+        account: cli_client::Account,
+        #[arg(long)]
+        new_password: String,
     },
 }
 
@@ -235,6 +258,18 @@ fn main() -> ExitCode {
                     map_size_mib,
                 },
         } => user_add_bulk(&data, &prefix, first, count, &password, map_size_mib),
+        Command::User {
+            command:
+                UserCommand::Passwd {
+                    account,
+                    new_password,
+                },
+        } => cli_account::passwd(&account, &new_password),
+        Command::Device { command } => cli_account::device(command),
+        Command::Logout {
+            account,
+            everywhere,
+        } => cli_account::logout(&account, everywhere),
         Command::Send { account, to, text } => cli_client::send(&account, &to, &text),
         Command::Sync { account, after } => cli_client::sync(&account, after),
         Command::Group { command } => cli_team::group(command),
@@ -420,7 +455,8 @@ fn user_add(data: &std::path::Path, name: &str, password: &str) -> Result<(), St
             tern::limits::PASSWORD_SIZE_MAX
         ));
     }
-    let store = Store::open(data, &StoreConfig::default()).map_err(|e| e.to_string())?;
+    let store =
+        Store::open_beside_node(data, &StoreConfig::default()).map_err(|e| e.to_string())?;
     let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
     match store.add_user(name, &hash) {
         Ok(id) => {
@@ -447,10 +483,17 @@ fn user_add_bulk(
         ));
     }
     let mut config = StoreConfig::default();
-    if let Some(mib) = map_size_mib {
-        config.map_size = mib << 20;
+    let store = match map_size_mib {
+        // Asked for: this tool may grow the map; a running node adopts the new size.
+        Some(mib) => {
+            config.map_size = mib << 20;
+            Store::open(data, &config)
+        }
+        // An existing store keeps the size recorded in it (the running node's): the tool
+        // never grows the map under the node, and fails with "store full" if it cannot fit.
+        None => Store::open_beside_node(data, &config),
     }
-    let store = Store::open(data, &config).map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?;
     let hash = tern::auth::hash_password(password).map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
     let bulk = store
@@ -470,5 +513,6 @@ fn user_add_bulk(
     Ok(())
 }
 
+mod cli_account;
 mod cli_client;
 mod cli_team;

@@ -22,6 +22,7 @@ use crate::io::{Backend, BackendStats, IoKind, StatsCell};
 use crate::limits::{SHARD_MAILBOX_MAX, SHARDS_MAX};
 use crate::routing::Directory;
 use crate::session::SessionConfig;
+use crate::shard::login::HashPool;
 use crate::shard::mailbox::{Mailbox, Router};
 use crate::shard::{Shard, ShardContext, ShardStats};
 use crate::storage::{Durability, Store, StoreConfig, WriterStats, spawn_writer};
@@ -87,6 +88,8 @@ pub struct Node {
     shards: Vec<JoinHandle<io::Result<ShardStats>>>,
     stats_cells: Vec<Arc<StatsCell>>,
     writer: Option<JoinHandle<WriterStats>>,
+    /// The password-checking threads (`shard::login::HashPool`).
+    hash_threads: Vec<JoinHandle<()>>,
     store: Store,
     io: IoKind,
     /// Held for the node's life: the data folder lock.
@@ -137,12 +140,16 @@ impl Node {
         let (writer, writer_thread) =
             spawn_writer(store.clone(), router).map_err(io_err("spawn store writer"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let (hash_pool, hash_threads) =
+            HashPool::spawn(mailboxes.clone()).map_err(io_err("spawn login threads"))?;
         let ctx = ShardContext {
             store: store.clone(),
             writer,
             directory,
             mailboxes: mailboxes.clone(),
             token_key,
+            hash_pool,
+            throttle: Arc::default(),
             session: Arc::new(SessionConfig {
                 heartbeat_interval_ms: config.heartbeat_interval_ms,
                 node_name: format!("tern {}", env!("CARGO_PKG_VERSION")),
@@ -171,6 +178,7 @@ impl Node {
             shards,
             stats_cells,
             writer: Some(writer_thread),
+            hash_threads,
             store,
             io: config.io,
             _lock: lock,
@@ -232,6 +240,10 @@ impl Node {
                 }
                 Err(_) => panic!("a shard thread panicked"),
             }
+        }
+        // The shards held the only senders of the login queue: its threads end now.
+        for thread in self.hash_threads.drain(..) {
+            thread.join().expect("a login thread panicked");
         }
         if let Some(writer) = self.writer.take() {
             writer.join().expect("the store writer panicked");

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{Io, TestNode};
-use tern::client::{BlockingClient, ClientConfig, ReceivedMessage};
+use tern::client::{BlockingClient, ClientConfig, FileMessage, ReceivedMessage};
 use tern::protocol::{group_conv, record_kind};
 
 const PASSWORD: &str = "pw-conv";
@@ -248,7 +248,68 @@ fn delivery_receipt_reaches_the_sender_once_per_delivery(io: Io) {
     assert_eq!(delivered(&alice.sync_all(0).unwrap()).len(), 1);
 }
 
+/// Regression: file messages produced no delivery receipts (1:1 or group) and their
+/// conversation preview was empty even with a caption.
+fn file_messages_get_delivery_receipts_and_a_preview(io: Io) {
+    let node = TestNode::start(io, &[]);
+    for user in ["alice", "bob", "carol"] {
+        node.add_user(user, PASSWORD);
+    }
+    let mut alice = device(&node, "alice", "phone");
+    let alice_id = user_id(&alice);
+    let group = alice
+        .group_create("photos", &["carol".to_owned()])
+        .unwrap()
+        .group_id;
+    let file = alice
+        .upload("cat.jpg", "image/jpeg", b"not really a cat")
+        .unwrap();
+    let captioned = FileMessage {
+        caption: "the cat".to_owned(),
+        ..FileMessage::default()
+    };
+    let to_bob = alice
+        .send_file(Some("bob"), None, file.file_id, &captioned)
+        .unwrap()
+        .msg_id;
+    let to_group = alice
+        .send_file(None, Some(group), file.file_id, &FileMessage::default())
+        .unwrap()
+        .msg_id;
+    let page = alice.conversations(0, 0).unwrap();
+    let preview = |title: &str| {
+        page.items
+            .iter()
+            .find(|i| i.title == title)
+            .map(|i| i.preview.clone())
+            .unwrap()
+    };
+    assert_eq!(preview("bob"), "the cat", "the caption");
+    assert_eq!(preview("photos"), "cat.jpg", "no caption: the file's name");
+
+    let delivered = |entries: &[ReceivedMessage]| -> HashSet<(String, u64, u64)> {
+        entries
+            .iter()
+            .filter_map(|e| {
+                let r = e.record.as_ref()?;
+                (r.kind == record_kind::DELIVERED).then(|| (e.from.clone(), r.conv, r.up_to))
+            })
+            .collect()
+    };
+    let _bob = device(&node, "bob", "phone");
+    let _carol = device(&node, "carol", "phone");
+    assert!(pump_until(&mut alice, |r| delivered(r).len() == 2));
+    assert_eq!(
+        delivered(alice.received()),
+        HashSet::from([
+            ("bob".to_owned(), alice_id, to_bob),
+            ("carol".to_owned(), group_conv(group), to_group),
+        ])
+    );
+}
+
 io_tests!(
+    file_messages_get_delivery_receipts_and_a_preview,
     history_pages_return_every_message_once,
     unread_counts_and_read_receipts_agree_across_devices,
     conversation_list_orders_by_last_activity_and_pages,

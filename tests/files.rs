@@ -104,6 +104,10 @@ fn five_mib_upload_and_download_resume_after_dropped_connections(io: Io) {
         .expect("file message in bob's timeline");
     let attachment = record.attachment.as_ref().unwrap();
     assert_eq!((attachment.file_id, attachment.size), (info.file_id, size));
+    assert_eq!(
+        attachment.sha256, sha256,
+        "the file message carries the content hash"
+    );
     assert_eq!(attachment.name, "big.bin");
     let mut got = Vec::new();
     while got.len() < data.len() / 2 {
@@ -200,12 +204,13 @@ fn upload_resumes_after_the_node_is_killed_and_restarted(io: Io) {
     let mut got = Vec::new();
     alice.download(info.file_id, &mut got).unwrap();
     assert!(got == data);
-    // The same content again is stored once: the start finds it complete.
+    // The same content again is sent again (a start never says whether the node holds
+    // it), and stored once.
     let again = alice
         .upload_start("copy.txt", "text/plain", size, sha256)
         .unwrap();
-    assert_eq!(again.offset, size);
-    let copy = alice.upload_finish(again.upload_id).unwrap();
+    assert_eq!(again.offset, 0);
+    let copy = alice.upload("copy.txt", "text/plain", &data).unwrap();
     assert_ne!(copy.file_id, info.file_id);
     let blobs = std::fs::read_dir(node.data.join("files"))
         .unwrap()
@@ -214,7 +219,175 @@ fn upload_resumes_after_the_node_is_killed_and_restarted(io: Io) {
     assert_eq!(blobs, 1, "content-addressed: one blob for both files");
 }
 
+/// Regression: a user who knew only a file's SHA-256 got its content (the start answered
+/// "complete", the finish granted a file id), and the answer told anyone whether content
+/// was stored. Now a start counts only the caller's own bytes, a finish needs every byte
+/// from the caller, and stored and unknown content get the same answers.
+fn nobody_gets_stored_content_by_knowing_its_hash(io: Io) {
+    let node = TestNode::start(io, &[]);
+    for user in ["alice", "mallory"] {
+        node.add_user(user, PASSWORD);
+    }
+    let mut alice = device(&node, "alice", "phone");
+    let stored = b"A".to_vec();
+    let stored_sha: [u8; 32] = Sha256::digest(&stored).into();
+    let info = alice.upload("a.txt", "text/plain", &stored).unwrap();
+    // alice also leaves half of a larger upload behind.
+    let partial = content(2 * FILE_CHUNK_SIZE_MAX);
+    let partial_sha: [u8; 32] = Sha256::digest(&partial).into();
+    let ready = alice
+        .upload_start(
+            "p.bin",
+            "application/octet-stream",
+            partial.len() as u64,
+            partial_sha,
+        )
+        .unwrap();
+    alice
+        .upload_chunk(ready.upload_id, 0, &partial[..FILE_CHUNK_SIZE_MAX])
+        .unwrap();
+    let unknown_sha: [u8; 32] = Sha256::digest(b"Z").into();
+
+    let mut mallory = device(&node, "mallory", "laptop");
+    let mut answers = Vec::new();
+    for sha in [stored_sha, unknown_sha] {
+        let ready = mallory.upload_start("x", "text/plain", 1, sha).unwrap();
+        assert_eq!(
+            ready.offset, 0,
+            "a start reveals nothing about stored content"
+        );
+        // A finish without the bytes grants nothing.
+        let empty = refused(mallory.upload_finish(ready.upload_id));
+        // Nor does a finish after other bytes.
+        let ready = mallory.upload_start("x", "text/plain", 1, sha).unwrap();
+        mallory.upload_chunk(ready.upload_id, 0, b"B").unwrap();
+        let wrong = refused(mallory.upload_finish(ready.upload_id));
+        answers.push((empty, wrong));
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "stored and unknown content answer alike"
+    );
+    assert_eq!(answers[0].0, ErrorCode::FileMismatch as u16);
+    assert_eq!(answers[0].1, ErrorCode::FileMismatch as u16);
+    // alice's partial upload is hers: mallory starts from nothing.
+    let other = mallory
+        .upload_start(
+            "p.bin",
+            "application/octet-stream",
+            partial.len() as u64,
+            partial_sha,
+        )
+        .unwrap();
+    assert_eq!(other.offset, 0);
+    let mut nothing = Vec::new();
+    let code = refused(mallory.download(info.file_id, &mut nothing));
+    assert_eq!(code, ErrorCode::NotMember as u16);
+
+    // Someone who has the content may upload it; it is stored once all the same.
+    let own = mallory.upload("mine.txt", "text/plain", &stored).unwrap();
+    assert_ne!(own.file_id, info.file_id);
+    let mut got = Vec::new();
+    mallory.download(own.file_id, &mut got).unwrap();
+    assert_eq!(got, stored);
+    let blobs = std::fs::read_dir(node.data.join("files"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
+        .count();
+    assert_eq!(blobs, 1, "one blob for alice's and mallory's files");
+}
+
+fn tern_download(node: &TestNode, file_id: u64, out: &std::path::Path) -> std::process::Output {
+    common::tern_command()
+        .arg("download")
+        .arg(file_id.to_string())
+        .arg("--out")
+        .arg(out)
+        .args(["--server", &node.addr.to_string(), "--user", "bob"])
+        .args(["--password", PASSWORD])
+        .output()
+        .expect("run tern download")
+}
+
+/// Regression: `tern download` resumed into whatever `--out` held (`X` + file `AB` gave
+/// `XB`, exit 0), and nothing carried the content hash to check against. Now a download
+/// resumes only its own partial file, and verifies the SHA-256 the node states before the
+/// file appears; a mismatch fails and leaves nothing that looks complete.
+fn downloads_resume_only_their_own_bytes_and_are_verified(io: Io) {
+    let node = TestNode::start(io, &[]);
+    for user in ["alice", "bob"] {
+        node.add_user(user, PASSWORD);
+    }
+    let data = b"AB".to_vec();
+    let sha256: [u8; 32] = Sha256::digest(&data).into();
+    let hex: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+    let mut alice = device(&node, "alice", "phone");
+    let info = alice.upload("ab.txt", "text/plain", &data).unwrap();
+    alice
+        .send_file(Some("bob"), None, info.file_id, &FileMessage::default())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Whatever the destination held is replaced, never resumed from.
+    let out = dir.path().join("out.txt");
+    std::fs::write(&out, b"X").unwrap();
+    let run = tern_download(&node, info.file_id, &out);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    assert!(!dir.path().join("out.txt.part").exists());
+
+    // A partial file left by another download is started over.
+    let other = dir.path().join("other.txt");
+    std::fs::write(dir.path().join("other.txt.part"), b"Q").unwrap();
+    let marker = format!("{} {hex}\n", info.file_id + 1);
+    std::fs::write(dir.path().join("other.txt.part.id"), marker).unwrap();
+    let run = tern_download(&node, info.file_id, &other);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), data);
+
+    // A partial file of this download whose bytes went bad: the hash check catches it,
+    // and neither a complete-looking file nor the bad bytes stay.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(dir.path().join("bad.txt.part"), b"X").unwrap();
+    let marker = format!("{} {hex}\n", info.file_id);
+    std::fs::write(dir.path().join("bad.txt.part.id"), marker).unwrap();
+    let run = tern_download(&node, info.file_id, &bad);
+    assert!(!run.status.success(), "a corrupt download must fail");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("SHA-256"), "{stderr}");
+    assert!(!bad.exists());
+    assert!(!dir.path().join("bad.txt.part").exists());
+    // Run again: it starts afresh and succeeds.
+    let run = tern_download(&node, info.file_id, &bad);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(std::fs::read(&bad).unwrap(), data);
+
+    // The SDK checks too: bytes that are not a prefix of the file fail and are dropped.
+    let mut bob = device(&node, "bob", "phone");
+    let mut held = b"X".to_vec();
+    match bob.download(info.file_id, &mut held) {
+        Err(ClientError::Corrupt(_)) => assert!(held.is_empty()),
+        other => panic!("expected a verification failure, got {other:?}"),
+    }
+    assert_eq!(bob.download(info.file_id, &mut held).unwrap(), 2);
+    assert_eq!(held, data);
+}
+
 io_tests!(
+    downloads_resume_only_their_own_bytes_and_are_verified,
+    nobody_gets_stored_content_by_knowing_its_hash,
     five_mib_upload_and_download_resume_after_dropped_connections,
     files_shared_in_a_group_follow_membership,
     upload_resumes_after_the_node_is_killed_and_restarted,

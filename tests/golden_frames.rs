@@ -245,7 +245,35 @@ fn golden_frames() -> Vec<(&'static str, Vec<u8>)> {
                 },
             ),
         ),
+        ("file_info", frame(Kind::FileInfo, 8, &file_info())),
+        ("file_chunk", frame(Kind::FileChunk, 9, &file_chunk())),
     ]
+}
+
+/// SHA-256 of "AB", the example file.
+const FILE_SHA256: [u8; 32] = [
+    0x38, 0x16, 0x4f, 0xbd, 0x17, 0x60, 0x3d, 0x73, 0xf6, 0x96, 0xb8, 0xb4, 0xd7, 0x26, 0x64, 0xd7,
+    0x35, 0xbb, 0x6a, 0x7c, 0x88, 0x57, 0x76, 0x87, 0xfd, 0x2a, 0xe3, 0x3f, 0xd6, 0x96, 0x41, 0x53,
+];
+
+fn file_info() -> FileInfo {
+    FileInfo {
+        file_id: 3,
+        name: "ab.txt".into(),
+        mime: "text/plain".into(),
+        size: 2,
+        sha256: FILE_SHA256.to_vec(),
+    }
+}
+
+fn file_chunk() -> FileChunk {
+    FileChunk {
+        file_id: 3,
+        offset: 1,
+        size: 2,
+        data: b"B".to_vec(),
+        sha256: FILE_SHA256.to_vec(),
+    }
 }
 
 fn golden_dir() -> PathBuf {
@@ -324,7 +352,10 @@ fn every_kind_has_a_golden_frame() {
         .collect();
     kinds.sort_unstable();
     kinds.dedup();
-    assert_eq!(kinds, (1..=14).collect::<Vec<u16>>());
+    // Every kind of the core protocol, and the file kinds whose layout carries the hash.
+    let mut expected: Vec<u16> = (1..=14).collect();
+    expected.extend([Kind::FileInfo as u16, Kind::FileChunk as u16]);
+    assert_eq!(kinds, expected);
 }
 
 #[test]
@@ -538,6 +569,17 @@ fn golden_files_decode_to_the_example_values() {
         Some(ErrorCode::UnknownUser)
     );
     assert_eq!(error.message.as_str(), "no such user");
+
+    let p = decode_golden("file_info", Kind::FileInfo, 8);
+    let info = access::<ArchivedFileInfo>(Kind::FileInfo, &p).unwrap();
+    let info: FileInfo = rkyv::deserialize::<_, Failure>(info).unwrap();
+    assert_eq!(info, file_info());
+    assert_eq!(info.sha256.len(), 32);
+
+    let p = decode_golden("file_chunk", Kind::FileChunk, 9);
+    let chunk = access::<ArchivedFileChunk>(Kind::FileChunk, &p).unwrap();
+    let chunk: FileChunk = rkyv::deserialize::<_, Failure>(chunk).unwrap();
+    assert_eq!(chunk, file_chunk());
 }
 
 #[test]
@@ -557,4 +599,30 @@ fn golden_frames_reassemble_from_one_stream_byte_by_byte() {
     }
     assert_eq!(kinds.len(), names.len());
     assert_eq!(reader.buffered(), 0);
+}
+
+/// docs/protocol.md §3.2: an empty `Vec` must point where its elements would start (the end
+/// of the out-of-line data written before it), not at offset 0. The frame a client wrote
+/// from the old wording (offset 0) is refused; rkyv's own form is the worked example.
+#[test]
+fn an_empty_vec_points_where_its_elements_would_start() {
+    let rename = GroupOp {
+        op: group_op::RENAME,
+        group_id: 1,
+        name: "x".into(),
+        users: Vec::new(),
+    };
+    let bytes = frame(Kind::GroupOp, 3, &rename);
+    let payload = &bytes[FRAME_HEADER_SIZE..];
+    assert_eq!(
+        payload.len(),
+        25,
+        "no out-of-line data: the payload is the root"
+    );
+    // users @17: offset -17 (to payload start, where elements would be), length 0.
+    assert_eq!(&payload[17..25], &[0xef, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    assert!(access::<ArchivedGroupOp>(Kind::GroupOp, payload).is_ok());
+    let mut documented_before = payload.to_vec();
+    documented_before[17..21].copy_from_slice(&0i32.to_le_bytes());
+    assert!(access::<ArchivedGroupOp>(Kind::GroupOp, &documented_before).is_err());
 }

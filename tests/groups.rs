@@ -284,7 +284,82 @@ fn group_rules_are_enforced(io: Io) {
     );
 }
 
+fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> u16 {
+    match result {
+        Err(ClientError::RequestFailed { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Audit: once removed (or gone), a member learns nothing of the group's later state from
+/// any answer: conversation list (regression: its title showed the name given after the
+/// removal), history, group info and list, timeline records, files shared later.
+fn a_removed_member_learns_nothing_of_the_group_afterwards(io: Io) {
+    let node = TestNode::start(io, &[]);
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        node.add_user(user, PASSWORD);
+    }
+    let mut alice = device(&node, "alice", "phone");
+    let members = ["bob", "carol", "erin"].map(str::to_owned);
+    let group = alice.group_create("crew", &members).unwrap().group_id;
+    let conv = group_conv(group);
+    alice.group_send(group, "before").unwrap();
+    let mut carol = device(&node, "carol", "phone");
+    let mut erin = device(&node, "erin", "phone");
+    alice.group_remove(group, &["carol".to_owned()]).unwrap();
+    erin.group_leave(group).unwrap();
+    let seen_at_removal: Vec<_> = [&mut carol, &mut erin]
+        .map(|c| c.sync_all(0).unwrap().len())
+        .into();
+
+    // The group moves on.
+    alice.group_rename(group, "secret plans").unwrap();
+    alice.group_add(group, &["dave".to_owned()]).unwrap();
+    alice.group_send(group, "after").unwrap();
+    let file = alice.upload("plan.txt", "text/plain", b"the plan").unwrap();
+    alice
+        .send_file(None, Some(group), file.file_id, &Default::default())
+        .unwrap();
+
+    for (gone, seen) in [
+        (&mut carol, seen_at_removal[0]),
+        (&mut erin, seen_at_removal[1]),
+    ] {
+        let page = gone.conversations(0, 0).unwrap();
+        let item = page.items.iter().find(|i| i.conv == conv).expect("kept");
+        assert_eq!(item.title, "crew", "the name as of the removal");
+        assert!(!item.preview.contains("after") && !item.preview.contains("secret"));
+        assert_eq!(gone.sync_all(0).unwrap().len(), seen, "no later records");
+        assert_eq!(
+            refusal(gone.history(conv, 0, 0)),
+            ErrorCode::NotMember as u16
+        );
+        assert_eq!(refusal(gone.group_info(group)), ErrorCode::NotMember as u16);
+        assert!(
+            gone.group_list()
+                .unwrap()
+                .iter()
+                .all(|g| g.group_id != group)
+        );
+        let mut got = Vec::new();
+        assert_eq!(
+            refusal(gone.download(file.file_id, &mut got)),
+            ErrorCode::NotMember as u16
+        );
+        assert_eq!(
+            refusal(gone.group_send(group, "still here?")),
+            ErrorCode::NotMember as u16
+        );
+    }
+    // Members see the new state.
+    let mut bob = device(&node, "bob", "phone");
+    let page = bob.conversations(0, 0).unwrap();
+    let item = page.items.iter().find(|i| i.conv == conv).unwrap();
+    assert_eq!(item.title, "secret plans");
+}
+
 io_tests!(
+    a_removed_member_learns_nothing_of_the_group_afterwards,
     group_of_50_gets_every_message_once_in_order_and_removed_member_stops_reading,
     group_rules_are_enforced,
 );

@@ -145,17 +145,18 @@ mod tests {
 
     #[test]
     fn own_process_is_measured_by_thread_from_the_start() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
         let mut meter = NodeMeter::start(Some(std::process::id()));
-        let me = std::process::id();
+        let stop = Arc::new(AtomicBool::new(false));
+        let spin_stop = Arc::clone(&stop);
+        // Burns CPU until told to stop, so the samples below see it alive whatever the
+        // scheduler does on a loaded box.
         let spin = std::thread::Builder::new()
             .name("meter-spin".into())
             .spawn(move || {
-                // Burn CPU until the thread's own counter moved a clock tick.
                 let mut x = 0u64;
-                while thread_cpu_seconds(me)
-                    .and_then(|t| t.get("meter-spin").copied())
-                    .is_none_or(|s| s < 0.02)
-                {
+                while !spin_stop.load(Ordering::Relaxed) {
                     for i in 0..100_000u64 {
                         x = x.wrapping_mul(31).wrapping_add(i);
                     }
@@ -163,15 +164,22 @@ mod tests {
                 std::hint::black_box(x);
             })
             .expect("spawn");
-        // Sample while the thread runs, so its name is present at least once.
-        while !spin.is_finished() {
+        // Sample until a reading shows the thread by name with CPU time of its own; bounded
+        // so a meter that never sees it fails instead of hanging.
+        let spun = |meter: &NodeMeter| {
+            meter
+                .usage()
+                .threads_cpu_seconds
+                .and_then(|t| t.get("meter-spin").copied())
+                .unwrap_or(0.0)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while spun(&meter) <= 0.0 && std::time::Instant::now() < deadline {
             meter.sample();
         }
+        stop.store(true, Ordering::Relaxed);
         spin.join().expect("join");
-        let usage = meter.usage();
-        let threads = usage.threads_cpu_seconds.expect("own threads readable");
-        let spun = threads.get("meter-spin").copied().unwrap_or(0.0);
-        assert!(spun > 0.0, "{threads:?}");
+        assert!(spun(&meter) > 0.0, "{:?}", meter.usage());
     }
 
     #[test]

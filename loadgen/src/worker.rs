@@ -386,9 +386,22 @@ fn mint_tokens(spec: &WorkerSpec) -> Result<Option<Arc<Vec<String>>>, String> {
     let key = tern::auth::TokenKey::load_or_create(dir)
         .map_err(|e| format!("read node secret in {}: {e}", dir.display()))?;
     let now = unix_ms();
+    // Tokens are bound to their device: one per (user, device), in client order. Fresh
+    // users have generation 0 for themselves and every device.
+    let devices = spec.args.devices.max(1);
+    let key = &key;
     let tokens = ids
         .iter()
-        .map(|id| key.issue(tern::ids::UserId(*id), now).0)
+        .flat_map(|id| {
+            (0..devices).map(move |device| {
+                let claims = tern::auth::TokenClaims {
+                    user: tern::ids::UserId(*id),
+                    user_generation: 0,
+                    device_generation: 0,
+                };
+                key.issue(claims, &format!("dev{device}"), now).0
+            })
+        })
         .collect();
     Ok(Some(Arc::new(tokens)))
 }
@@ -602,7 +615,7 @@ impl ClientThread {
                 ClientConfig::new(name, format!("dev{device}")).with_seed(rng.next_u64() | 1);
             match tokens {
                 Some(tokens) => {
-                    config = config.with_token(tokens[(user - spec.user_lo) as usize].clone())
+                    config = config.with_token(tokens[(global - first_client) as usize].clone())
                 }
                 None => config = config.with_password(args.password.clone()),
             }

@@ -6,9 +6,11 @@
 //! clock: callers pass stored hashes and `now_ms` in.
 
 mod password;
+mod throttle;
 mod token;
 
 pub use password::{
     ARGON2_M_COST_KIB, ARGON2_P_COST, ARGON2_T_COST, AuthError, hash_password, verify_password,
 };
-pub use token::{TOKEN_KEY_SIZE, TokenError, TokenKey};
+pub use throttle::LoginThrottle;
+pub use token::{TOKEN_KEY_SIZE, TokenClaims, TokenError, TokenKey};

@@ -1,9 +1,14 @@
-//! Login tokens: `v1.<user_id>.<expires_at_ms>.<hex HMAC-SHA256 of "v1.<user_id>.<expires_at_ms>">`.
+//! Login tokens: `v2.<user_id>.<user_gen>.<device_gen>.<expires_at_ms>.<hex>`, where `<hex>`
+//! is the HMAC-SHA256 of `v2.<user_id>.<user_gen>.<device_gen>.<expires_at_ms>`, a newline
+//! and the device name the token was issued to.
 //!
 //! The node signs a token at login and checks it on reconnect with one HMAC: no store
-//! lookup of sessions, no argon2 run. The key lives in `node.secret` in the data folder, so
-//! tokens survive a restart. Verification must never panic on what a client sends, and
-//! compares MACs in constant time.
+//! lookup of sessions, no argon2 run. A token is bound to its device (the name is signed,
+//! not written out), and carries the user's and the device's generation at issue: the node
+//! bumps them to revoke (logout, password change, device revoke), and a token whose
+//! generations are not the current ones is refused. The key lives in `node.secret` in the
+//! data folder, so tokens survive a restart. Verification must never panic on what a client
+//! sends, and compares MACs in constant time.
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
@@ -28,13 +33,13 @@ const SECRET_FILE_NAME: &str = "node.secret";
 /// Mode of the key file: readable by the node's user only.
 const SECRET_FILE_MODE: u32 = 0o600;
 
-const TOKEN_VERSION: &str = "v1";
+const TOKEN_VERSION: &str = "v2";
 /// Hex digits of an HMAC-SHA256 tag.
 const MAC_HEX_LEN: usize = 64;
 /// Digits of the largest u64.
 const U64_DIGITS_MAX: usize = 20;
-/// Longest token `issue` can produce: version, two u64s, the tag and three dots.
-const TOKEN_LEN_MAX: usize = TOKEN_VERSION.len() + 2 * U64_DIGITS_MAX + MAC_HEX_LEN + 3;
+/// Longest token `issue` can produce: version, four u64s, the tag and five dots.
+const TOKEN_LEN_MAX: usize = TOKEN_VERSION.len() + 4 * U64_DIGITS_MAX + MAC_HEX_LEN + 5;
 const _: () = assert!(TOKEN_LEN_MAX < TOKEN_SIZE_MAX);
 /// SHA-256 block size: an HMAC key shorter than this is zero-padded to it.
 const HMAC_BLOCK_SIZE: usize = 64;
@@ -63,6 +68,16 @@ impl std::fmt::Display for TokenError {
 }
 
 impl std::error::Error for TokenError {}
+
+/// What a token says: whose it is and the generations it was issued under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub user: UserId,
+    /// The user's generation at issue (bumped by a password change or logout everywhere).
+    pub user_generation: u64,
+    /// The device's generation at issue (bumped by its logout or revoke).
+    pub device_generation: u64,
+}
 
 /// The node's token signing key.
 pub struct TokenKey {
@@ -130,14 +145,18 @@ impl TokenKey {
         }
     }
 
-    /// Signs a token for `user`, valid until `now_ms + TOKEN_LIFETIME_MS`. Returns the
-    /// token and its expiry.
-    pub fn issue(&self, user: UserId, now_ms: u64) -> (String, u64) {
+    /// Signs a token for `claims` and `device`, valid until `now_ms + TOKEN_LIFETIME_MS`.
+    /// Returns the token and its expiry.
+    pub fn issue(&self, claims: TokenClaims, device: &str, now_ms: u64) -> (String, u64) {
         let expires_at_ms = now_ms.saturating_add(TOKEN_LIFETIME_MS);
         let mut token = String::with_capacity(TOKEN_LEN_MAX);
         // Writing into a String cannot fail.
-        let _ = write!(token, "{TOKEN_VERSION}.{}.{expires_at_ms}", user.0);
-        let tag = self.sign(token.as_bytes());
+        let _ = write!(
+            token,
+            "{TOKEN_VERSION}.{}.{}.{}.{expires_at_ms}",
+            claims.user.0, claims.user_generation, claims.device_generation
+        );
+        let tag = self.sign(token.as_bytes(), device);
         token.push('.');
         for byte in tag {
             token.push(HEX_DIGITS[usize::from(byte >> 4)] as char);
@@ -147,9 +166,15 @@ impl TokenKey {
         (token, expires_at_ms)
     }
 
-    /// Checks a token's form, signature (constant-time) and expiry, in that order, and
-    /// returns the user it was issued to.
-    pub fn verify(&self, token: &str, now_ms: u64) -> Result<UserId, TokenError> {
+    /// Checks a token's form, signature for `device` (constant-time) and expiry, in that
+    /// order, and returns its claims. The caller compares the generations with the
+    /// current ones.
+    pub fn verify(
+        &self,
+        token: &str,
+        device: &str,
+        now_ms: u64,
+    ) -> Result<TokenClaims, TokenError> {
         if token.len() > TOKEN_LEN_MAX {
             return Err(TokenError::Malformed);
         }
@@ -158,31 +183,48 @@ impl TokenKey {
         if fields.next() != Some(TOKEN_VERSION) {
             return Err(TokenError::Malformed);
         }
-        let user = fields
-            .next()
-            .and_then(parse_decimal)
-            .ok_or(TokenError::Malformed)?;
-        let expires_at_ms = fields
-            .next()
-            .and_then(parse_decimal)
-            .ok_or(TokenError::Malformed)?;
+        let mut number = || {
+            fields
+                .next()
+                .and_then(parse_decimal)
+                .ok_or(TokenError::Malformed)
+        };
+        let user = number()?;
+        let user_generation = number()?;
+        let device_generation = number()?;
+        let expires_at_ms = number()?;
         if fields.next().is_some() {
             return Err(TokenError::Malformed);
         }
         let tag = parse_tag(tag_hex).ok_or(TokenError::Malformed)?;
         let mut mac = self.mac.clone();
         mac.update(signed.as_bytes());
+        mac.update(b"\n");
+        mac.update(device.as_bytes());
         mac.verify_slice(&tag)
             .map_err(|_| TokenError::BadSignature)?;
         if now_ms >= expires_at_ms {
             return Err(TokenError::Expired);
         }
-        Ok(UserId(user))
+        Ok(TokenClaims {
+            user: UserId(user),
+            user_generation,
+            device_generation,
+        })
     }
 
-    fn sign(&self, signed: &[u8]) -> [u8; 32] {
+    fn sign(&self, signed: &[u8], device: &str) -> [u8; 32] {
         let mut mac = self.mac.clone();
         mac.update(signed);
+        mac.update(b"\n");
+        mac.update(device.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    #[cfg(test)]
+    fn sign_raw(&self, data: &[u8]) -> [u8; 32] {
+        let mut mac = self.mac.clone();
+        mac.update(data);
         mac.finalize().into_bytes().into()
     }
 }
@@ -267,61 +309,100 @@ mod tests {
         TokenKey::from_bytes([byte; TOKEN_KEY_SIZE])
     }
 
+    fn claims(user: u64) -> TokenClaims {
+        TokenClaims {
+            user: UserId(user),
+            user_generation: 3,
+            device_generation: 5,
+        }
+    }
+
     #[test]
     fn round_trip() {
         let key = key(7);
-        let (token, expires_at_ms) = key.issue(UserId(42), NOW_MS);
+        let (token, expires_at_ms) = key.issue(claims(42), "phone", NOW_MS);
         assert_eq!(expires_at_ms, NOW_MS + TOKEN_LIFETIME_MS);
         assert!(token.is_ascii());
         assert!(token.len() <= TOKEN_LEN_MAX);
         assert!(
-            token.starts_with(&format!("v1.42.{expires_at_ms}.")),
+            token.starts_with(&format!("v2.42.3.5.{expires_at_ms}.")),
             "{token}"
         );
-        assert_eq!(key.verify(&token, NOW_MS), Ok(UserId(42)));
-        assert_eq!(key.verify(&token, expires_at_ms - 1), Ok(UserId(42)));
+        assert_eq!(key.verify(&token, "phone", NOW_MS), Ok(claims(42)));
+        assert_eq!(
+            key.verify(&token, "phone", expires_at_ms - 1),
+            Ok(claims(42))
+        );
+    }
+
+    #[test]
+    fn a_token_is_bound_to_its_device() {
+        let key = key(7);
+        let (token, _) = key.issue(claims(42), "phone", NOW_MS);
+        assert_eq!(
+            key.verify(&token, "laptop", NOW_MS),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            key.verify(&token, "", NOW_MS),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
     fn longest_token_fits() {
-        let (token, expires_at_ms) = key(1).issue(UserId(u64::MAX), u64::MAX);
+        let max = TokenClaims {
+            user: UserId(u64::MAX),
+            user_generation: u64::MAX,
+            device_generation: u64::MAX,
+        };
+        let (token, expires_at_ms) = key(1).issue(max, "d", u64::MAX);
         assert_eq!(expires_at_ms, u64::MAX);
         assert_eq!(token.len(), TOKEN_LEN_MAX);
         assert!(token.len() < TOKEN_SIZE_MAX);
         // Expires at u64::MAX: valid at any earlier time.
-        assert_eq!(key(1).verify(&token, NOW_MS), Ok(UserId(u64::MAX)));
+        assert_eq!(key(1).verify(&token, "d", NOW_MS), Ok(max));
     }
 
     #[test]
     fn expired_is_refused() {
         let key = key(7);
-        let (token, expires_at_ms) = key.issue(UserId(42), NOW_MS);
-        assert_eq!(key.verify(&token, expires_at_ms), Err(TokenError::Expired));
-        assert_eq!(key.verify(&token, u64::MAX), Err(TokenError::Expired));
+        let (token, expires_at_ms) = key.issue(claims(42), "phone", NOW_MS);
+        assert_eq!(
+            key.verify(&token, "phone", expires_at_ms),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            key.verify(&token, "phone", u64::MAX),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]
     fn tampering_is_refused() {
         let key = key(7);
-        let (token, expires_at_ms) = key.issue(UserId(42), NOW_MS);
+        let (token, expires_at_ms) = key.issue(claims(42), "phone", NOW_MS);
         let tag = token.rsplit_once('.').unwrap().1;
-        // Another user id, a later expiry, a changed tag: each breaks the signature.
-        let other_user = format!("v1.43.{expires_at_ms}.{tag}");
-        let later = format!("v1.42.{}.{tag}", expires_at_ms + 1);
+        // Another user id, other generations, a later expiry, a changed tag: each breaks
+        // the signature.
+        let other_user = format!("v2.43.3.5.{expires_at_ms}.{tag}");
+        let other_user_gen = format!("v2.42.4.5.{expires_at_ms}.{tag}");
+        let other_device_gen = format!("v2.42.3.6.{expires_at_ms}.{tag}");
+        let later = format!("v2.42.3.5.{}.{tag}", expires_at_ms + 1);
         let mut flipped = token.clone().into_bytes();
         let last = flipped.len() - 1;
         flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
         let flipped = String::from_utf8(flipped).unwrap();
-        for forged in [other_user, later, flipped] {
+        for forged in [other_user, other_user_gen, other_device_gen, later, flipped] {
             assert_eq!(
-                key.verify(&forged, NOW_MS),
+                key.verify(&forged, "phone", NOW_MS),
                 Err(TokenError::BadSignature),
                 "{forged}"
             );
         }
         // Another node's key.
         assert_eq!(
-            self::key(8).verify(&token, NOW_MS),
+            self::key(8).verify(&token, "phone", NOW_MS),
             Err(TokenError::BadSignature)
         );
     }
@@ -329,32 +410,33 @@ mod tests {
     #[test]
     fn garbage_is_malformed() {
         let key = key(7);
-        let (token, _) = key.issue(UserId(42), NOW_MS);
+        let (token, _) = key.issue(claims(42), "phone", NOW_MS);
         let (signed, tag) = token.rsplit_once('.').unwrap();
         let long = "9".repeat(TOKEN_SIZE_MAX * 4);
         let cases = [
             String::new(),
             ".".to_owned(),
             "...".to_owned(),
-            "v1".to_owned(),
+            "v2".to_owned(),
             long,
-            format!("v2{}.{tag}", &signed[2..]),
+            format!("v1{}.{tag}", &signed[2..]),
+            format!("v1.42.{}.{tag}", NOW_MS),
             format!("{signed}.{}", tag.to_uppercase()),
             format!("{signed}.{}", &tag[1..]),
             format!("{signed}.{tag}0"),
             format!("{signed}.{}g", &tag[1..]),
             format!("{signed}.7.{tag}"),
-            format!("v1.+42.{}.{tag}", NOW_MS),
-            format!("v1.042.{}.{tag}", NOW_MS),
-            format!("v1..{}.{tag}", NOW_MS),
-            format!("v1.42.-1.{tag}"),
-            format!("v1.18446744073709551616.{}.{tag}", NOW_MS),
-            format!("v1.42.{}.{tag}", "1".repeat(21)),
-            "v1.42.1.\u{e9}\u{e9}".to_owned(),
+            format!("v2.+42.3.5.{}.{tag}", NOW_MS),
+            format!("v2.042.3.5.{}.{tag}", NOW_MS),
+            format!("v2..3.5.{}.{tag}", NOW_MS),
+            format!("v2.42.3.5.-1.{tag}"),
+            format!("v2.18446744073709551616.3.5.{}.{tag}", NOW_MS),
+            format!("v2.42.3.5.{}.{tag}", "1".repeat(21)),
+            "v2.42.3.5.1.\u{e9}\u{e9}".to_owned(),
         ];
         for case in &cases {
             assert_eq!(
-                key.verify(case, NOW_MS),
+                key.verify(case, "phone", NOW_MS),
                 Err(TokenError::Malformed),
                 "{case:?}"
             );
@@ -367,7 +449,7 @@ mod tests {
         // zero-pads short keys, so "Jefe" followed by zeros is the same key.
         let mut key = [0u8; TOKEN_KEY_SIZE];
         key[..4].copy_from_slice(b"Jefe");
-        let tag = TokenKey::from_bytes(key).sign(b"what do ya want for nothing?");
+        let tag = TokenKey::from_bytes(key).sign_raw(b"what do ya want for nothing?");
         let expected = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
         assert_eq!(parse_tag(expected), Some(tag));
     }
@@ -381,10 +463,10 @@ mod tests {
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), TOKEN_KEY_SIZE as u64);
         assert_eq!(meta.permissions().mode() & 0o777, SECRET_FILE_MODE);
-        let (token, _) = first.issue(UserId(5), NOW_MS);
+        let (token, _) = first.issue(claims(5), "d", NOW_MS);
         let again = TokenKey::load_or_create(&data_dir).unwrap();
-        assert_eq!(again.issue(UserId(5), NOW_MS).0, token);
-        assert_eq!(again.verify(&token, NOW_MS), Ok(UserId(5)));
+        assert_eq!(again.issue(claims(5), "d", NOW_MS).0, token);
+        assert_eq!(again.verify(&token, "d", NOW_MS), Ok(claims(5)));
         // Only the key file is left behind.
         let names: Vec<_> = fs::read_dir(&data_dir)
             .unwrap()
@@ -404,7 +486,7 @@ mod tests {
                         scope.spawn(|| {
                             start.wait();
                             let key = TokenKey::load_or_create(dir.path()).unwrap();
-                            key.issue(UserId(1), NOW_MS).0
+                            key.issue(claims(1), "d", NOW_MS).0
                         })
                     })
                     .collect();
@@ -412,7 +494,7 @@ mod tests {
             });
             assert!(tokens.windows(2).all(|w| w[0] == w[1]), "{tokens:?}");
             let on_disk = TokenKey::load_or_create(dir.path()).unwrap();
-            assert_eq!(on_disk.issue(UserId(1), NOW_MS).0, tokens[0]);
+            assert_eq!(on_disk.issue(claims(1), "d", NOW_MS).0, tokens[0]);
         }
     }
 

@@ -65,6 +65,9 @@ pub enum ClientError {
     Invalid(&'static str),
     /// The node answered with a frame of the wrong kind.
     Unexpected,
+    /// A downloaded file's bytes do not match its SHA-256 (or its hash changed between
+    /// chunks); the bytes were discarded.
+    Corrupt(&'static str),
 }
 
 impl std::fmt::Display for ClientError {
@@ -100,6 +103,7 @@ impl std::fmt::Display for ClientError {
             ClientError::Lost => write!(f, "connection lost before the answer; check the outcome"),
             ClientError::Invalid(why) => write!(f, "invalid request: {why}"),
             ClientError::Unexpected => write!(f, "the node answered with an unexpected frame"),
+            ClientError::Corrupt(why) => write!(f, "download failed verification: {why}"),
         }
     }
 }

@@ -194,12 +194,32 @@ impl<S: ClientStore> BlockingClient<S> {
     }
 
     /// Downloads a whole file, appending to `out` from `out.len()` (so a partial download
-    /// resumes), and returns its size.
+    /// of this same file resumes), checks the SHA-256 of all of `out` against the one the
+    /// node states for the file, and returns its size.
+    ///
+    /// Errors: `ClientError::Corrupt` when the assembled bytes are not the file (the
+    /// partial bytes in `out` were not a prefix of it, or the transfer went wrong); `out`
+    /// is then cleared, so a retry starts over. Requests failing as in `download_chunk`.
     pub fn download(&mut self, file_id: u64, out: &mut Vec<u8>) -> Result<u64, ClientError> {
+        let mut expected: Option<Vec<u8>> = None;
         loop {
             let chunk = self.download_chunk(file_id, out.len() as u64)?;
+            if chunk.sha256.len() != 32 || expected.as_ref().is_some_and(|e| *e != chunk.sha256) {
+                out.clear();
+                return Err(ClientError::Corrupt(
+                    "the file's SHA-256 changed between chunks",
+                ));
+            }
+            expected = Some(chunk.sha256);
             out.extend_from_slice(&chunk.data);
             if out.len() as u64 >= chunk.size || chunk.data.is_empty() {
+                let sha256: [u8; 32] = Sha256::digest(&out[..]).into();
+                if out.len() as u64 != chunk.size || expected.as_deref() != Some(&sha256[..]) {
+                    out.clear();
+                    return Err(ClientError::Corrupt(
+                        "the downloaded bytes do not match the file's size and SHA-256",
+                    ));
+                }
                 return Ok(chunk.size);
             }
         }

@@ -18,6 +18,7 @@
 //! The client's own bounds live here rather than in `crate::limits`, which holds what the
 //! node enforces; they are related to the node's limits by const assertions below.
 
+mod account;
 mod blocking;
 mod files;
 mod session;

@@ -852,7 +852,8 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::UploadReady
             | Kind::UploadAck
             | Kind::FileInfo
-            | Kind::FileChunk => self.on_response(header, payload, now),
+            | Kind::FileChunk
+            | Kind::DevicesPage => self.on_response(header, payload, now),
             Kind::PresencePush | Kind::TypingPush => {
                 match team::decode_push(header.kind, payload) {
                     Some(event) => self.events.push_back(event),
@@ -883,7 +884,10 @@ impl<S: ClientStore> ClientSession<S> {
             | Kind::UploadChunk
             | Kind::UploadFinish
             | Kind::FileSend
-            | Kind::Download => self.peer_fault(now, "client-only frame kind from node"),
+            | Kind::Download
+            | Kind::Logout
+            | Kind::ChangePassword
+            | Kind::Devices => self.peer_fault(now, "client-only frame kind from node"),
         }
     }
 
@@ -1174,16 +1178,19 @@ impl<S: ClientStore> ClientSession<S> {
                 self.end_connection(now, true, "hello refused", after);
             }
             Request::Login { with_token } => {
-                if known == Some(ErrorCode::AuthFailed) {
-                    if with_token && self.config.password.is_some() {
-                        // A refused token (expired, new node secret): once more with the
-                        // password. `token` is None from now on, so this happens once.
-                        self.token = None;
-                        self.end_connection(now, true, "token refused", After::RetryNow);
-                    } else {
-                        self.events.push_back(Event::AuthFailed { code, message });
-                        self.end_connection(now, true, "login refused", After::Offline);
-                    }
+                if known == Some(ErrorCode::AuthFailed)
+                    && with_token
+                    && self.config.password.is_some()
+                {
+                    // A refused token (expired, revoked, new node secret): once more with the
+                    // password. `token` is None from now on, so this happens once.
+                    self.token = None;
+                    self.end_connection(now, true, "token refused", After::RetryNow);
+                } else if matches!(known, Some(ErrorCode::AuthFailed | ErrorCode::Throttled)) {
+                    // Final for this session: retrying a throttled password only meets the
+                    // wait again; the app decides when (the message says how long).
+                    self.events.push_back(Event::AuthFailed { code, message });
+                    self.end_connection(now, true, "login refused", After::Offline);
                 } else {
                     // Any error answering a login closes the connection (storage failure,
                     // shutdown): a failed attempt, retried with backoff.

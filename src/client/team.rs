@@ -44,6 +44,7 @@ pub enum TeamAnswer {
     UploadAck(UploadAck),
     File(FileInfo),
     Chunk(FileChunk),
+    Devices(crate::protocol::DevicesPage),
     /// The node refused the request (`code` is an `ErrorCode` number).
     Failed {
         code: u16,
@@ -106,6 +107,10 @@ pub(super) fn decode_answer(kind: Kind, payload: &[u8]) -> Option<TeamAnswer> {
         Kind::FileChunk => {
             let chunk = protocol::access::<ArchivedFileChunk>(kind, payload).ok()?;
             TeamAnswer::Chunk(rkyv::deserialize::<FileChunk, Failure>(chunk).ok()?)
+        }
+        Kind::DevicesPage => {
+            let page = protocol::access::<protocol::ArchivedDevicesPage>(kind, payload).ok()?;
+            TeamAnswer::Devices(rkyv::deserialize::<protocol::DevicesPage, Failure>(page).ok()?)
         }
         Kind::Error => {
             let body = protocol::access::<ArchivedErrorBody>(kind, payload).ok()?;

@@ -404,6 +404,30 @@ fn refused_token_is_retried_once_with_the_password() {
     assert_eq!(h.session.next_timeout(), None);
 }
 
+/// A throttled password login is final for the session (like a wrong password), so the
+/// app shows the node's message instead of the session hammering a waiting account.
+#[test]
+fn throttled_password_login_is_reported_not_retried() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.session.connect(h.now);
+    h.actions();
+    h.session.connected(h.now);
+    let (hello_id, _) = h.sent()[0];
+    h.feed(&hello_ok(hello_id, HEARTBEAT_MS));
+    let sent = h.sent();
+    let (login_id, Out::Login(_)) = &sent[0] else {
+        panic!("{sent:?}")
+    };
+    h.feed(&error(*login_id, ErrorCode::Throttled));
+    assert_eq!(h.actions(), vec![Action::Disconnect]);
+    let events = h.events();
+    assert!(
+        matches!(events[1], Event::AuthFailed { code: 22, .. }),
+        "{events:?}"
+    );
+    assert!(h.session.is_stopped());
+}
+
 #[test]
 fn login_without_credentials_fails_locally() {
     let mut config = config();

@@ -56,6 +56,11 @@ pub enum Kind {
     FileSend = 39,
     Download = 40,
     FileChunk = 41,
+    // Account: logout, password change, devices (src/protocol/account.rs).
+    Logout = 42,
+    ChangePassword = 43,
+    Devices = 44,
+    DevicesPage = 45,
 }
 
 impl Kind {
@@ -103,6 +108,10 @@ impl Kind {
             39 => FileSend,
             40 => Download,
             41 => FileChunk,
+            42 => Logout,
+            43 => ChangePassword,
+            44 => Devices,
+            45 => DevicesPage,
             _ => return None,
         })
     }

@@ -51,6 +51,14 @@ pub enum ErrorCode {
     /// An upload's bytes do not match what its start announced (size or SHA-256), or a
     /// chunk's offset is not where the upload stands. The connection stays open.
     FileMismatch = 21,
+    /// Too many failed password logins for this account or from this address: the login
+    /// was refused without checking the password. The message says how many ms to wait.
+    /// Closed (it answers a `Login`).
+    Throttled = 22,
+    /// The device's tokens were revoked (its logout, a revoke from another device, a
+    /// password change): sent in `Kicked` to every connection it closes. Log in with the
+    /// password again.
+    Revoked = 23,
 }
 
 impl ErrorCode {
@@ -78,6 +86,8 @@ impl ErrorCode {
             19 => QuotaExceeded,
             20 => UnknownFile,
             21 => FileMismatch,
+            22 => Throttled,
+            23 => Revoked,
             _ => return None,
         })
     }
@@ -95,6 +105,8 @@ impl ErrorCode {
                 | Timeout
                 | ReplacedByNewLogin
                 | ShuttingDown
+                | Throttled
+                | Revoked
         )
     }
 
@@ -122,6 +134,8 @@ impl ErrorCode {
             QuotaExceeded => "quota_exceeded",
             UnknownFile => "unknown_file",
             FileMismatch => "file_mismatch",
+            Throttled => "throttled",
+            Revoked => "revoked",
         }
     }
 }
@@ -132,12 +146,12 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in 1..=21u16 {
+        for code in 1..=23u16 {
             let e = ErrorCode::from_u16(code).unwrap();
             assert_eq!(e as u16, code);
             assert!(!e.name().is_empty());
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(22), None);
+        assert_eq!(ErrorCode::from_u16(24), None);
     }
 }

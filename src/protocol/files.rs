@@ -77,6 +77,9 @@ pub struct Attachment {
     pub height: u32,
     pub mime: String,
     pub name: String,
+    /// SHA-256 of the file's content (32 bytes): what a downloader checks before it
+    /// reports the file complete.
+    pub sha256: Vec<u8>,
 }
 
 /// Client → node: a message carrying a file, to a user (`to`, with `group_id` 0) or to a
@@ -112,6 +115,9 @@ pub struct FileChunk {
     /// The file's size: the download is complete when `offset + data.len() == size`.
     pub size: u64,
     pub data: Vec<u8>,
+    /// SHA-256 of the whole file (32 bytes), the same in every chunk: a downloader checks
+    /// the bytes it assembled against it before it reports success.
+    pub sha256: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -127,9 +133,9 @@ mod tests {
         assert_eq!(size_of::<ArchivedUploadAck>(), 16);
         assert_eq!(size_of::<ArchivedUploadFinish>(), 8);
         assert_eq!(size_of::<ArchivedFileInfo>(), 40);
-        assert_eq!(size_of::<ArchivedAttachment>(), 53);
+        assert_eq!(size_of::<ArchivedAttachment>(), 61);
         assert_eq!(size_of::<ArchivedFileSend>(), 61);
         assert_eq!(size_of::<ArchivedDownload>(), 20);
-        assert_eq!(size_of::<ArchivedFileChunk>(), 32);
+        assert_eq!(size_of::<ArchivedFileChunk>(), 40);
     }
 }

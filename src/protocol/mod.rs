@@ -5,6 +5,7 @@
 //! with rkyv's checked access before any field is read. This module does no I/O and keeps
 //! no state beyond the frame it is given.
 
+mod account;
 mod codec;
 mod error;
 mod files;
@@ -12,6 +13,7 @@ mod messages;
 mod presence;
 mod team;
 
+pub use account::*;
 pub use codec::{
     DecodeError, FrameHeader, FrameReader, Kind, access, encode, encode_with, frame_len,
     read_header,

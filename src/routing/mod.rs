@@ -102,6 +102,13 @@ impl Directory {
         }
     }
 
+    /// Appends to `out` every logged-in connection of `user` (any shard).
+    pub fn connections_of(&self, user: UserId, out: &mut Vec<Presence>) {
+        if let Some(devices) = self.stripe(user).get(&user) {
+            out.extend(devices.iter().cloned());
+        }
+    }
+
     pub fn is_online(&self, user: UserId) -> bool {
         self.stripe(user).contains_key(&user)
     }

@@ -118,6 +118,21 @@ pub enum Request {
         request_id: u32,
         conv: u64,
     },
+    // Account (`session::account`, `shard::account`).
+    Logout {
+        request_id: u32,
+        everywhere: bool,
+    },
+    ChangePassword {
+        request_id: u32,
+        old: String,
+        new: String,
+    },
+    Devices {
+        request_id: u32,
+        /// A device (NFC) to revoke first.
+        revoke: Option<String>,
+    },
     // Files (`session::files`, `shard::files`).
     UploadStart {
         request_id: u32,
@@ -206,6 +221,11 @@ impl Conn {
 
     pub fn is_closing(&self) -> bool {
         self.phase == Phase::Closing
+    }
+
+    /// Whether a `Login` awaits its answer (`login_ok` or `login_failed`).
+    pub fn is_logging_in(&self) -> bool {
+        self.phase == Phase::LoggingIn
     }
 
     pub fn is_authenticated(&self) -> bool {
@@ -340,11 +360,17 @@ impl Conn {
 
     /// Another login took this device: tell the peer why, then close.
     pub fn kick(&mut self, message: &str) {
+        self.kick_with(ErrorCode::ReplacedByNewLogin, message);
+    }
+
+    /// Sends `Kicked { code }` and closes: the node ends this session for a reason of its
+    /// own (`ReplacedByNewLogin`, `Revoked`).
+    pub fn kick_with(&mut self, code: ErrorCode, message: &str) {
         if self.phase == Phase::Closing {
             return;
         }
         let kicked = Kicked {
-            code: ErrorCode::ReplacedByNewLogin as u16,
+            code: code as u16,
             message: truncate(message, ERROR_MESSAGE_SIZE_MAX).to_owned(),
         };
         protocol::encode(&mut self.out, Kind::Kicked, 0, &kicked);
@@ -457,9 +483,10 @@ fn handle_frame(
             if user.is_empty() || user.len() > USER_NAME_SIZE_MAX {
                 return Err((id, ErrorCode::AuthFailed, "bad user name".into()));
             }
-            if device.is_empty() || device.len() > DEVICE_NAME_SIZE_MAX {
-                return Err((id, ErrorCode::AuthFailed, "bad device name".into()));
-            }
+            // Devices are named like users (NFC, no outer whitespace or control
+            // characters), so two spellings of one device share its cursor.
+            let device = crate::names::normalize(device, DEVICE_NAME_SIZE_MAX)
+                .map_err(|e| (id, ErrorCode::AuthFailed, format!("bad device name: {e}")))?;
             let credential = match &login.credential {
                 ArchivedCredential::Password(p) if p.len() <= PASSWORD_SIZE_MAX => {
                     Credential::Password(p.as_str().to_owned())
@@ -472,7 +499,7 @@ fn handle_frame(
             requests.push(Request::Login {
                 request_id: id,
                 user: user.to_owned(),
-                device: device.to_owned(),
+                device,
                 credential,
             });
             *phase = Phase::LoggingIn;
@@ -537,6 +564,9 @@ fn handle_frame(
         (Phase::Established, kind) if files::is_file_request(kind) => {
             files::handle_frame(out, header, payload, requests)
         }
+        (Phase::Established, kind) if account::is_account_request(kind) => {
+            account::handle_frame(out, header, payload, requests)
+        }
         (_, kind) => Err((
             id,
             ErrorCode::ProtocolViolation,
@@ -559,6 +589,7 @@ fn answer_ping(out: &mut Vec<u8>, header: FrameHeader, payload: &[u8]) -> Result
     Ok(())
 }
 
+mod account;
 mod files;
 mod team;
 

@@ -57,6 +57,23 @@ pub(super) fn handle_frame(
                 write_error(out, id, ErrorCode::TooLarge, "group name too long");
                 return Ok(());
             }
+            // Create and rename name the group: NFC, not empty, no outer whitespace or
+            // control characters (`names`).
+            let mut name = op.name.as_str().to_owned();
+            if op.op == group_op::CREATE || op.op == group_op::RENAME {
+                match crate::names::normalize(&name, GROUP_NAME_SIZE_MAX) {
+                    Ok(nfc) => name = nfc,
+                    Err(crate::names::NameError::TooLong) => {
+                        write_error(out, id, ErrorCode::TooLarge, "group name too long");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        let message = format!("group name {e}");
+                        write_error(out, id, ErrorCode::InvalidArgument, &message);
+                        return Ok(());
+                    }
+                }
+            }
             if op.users.len() > GROUP_MEMBERS_MAX {
                 write_error(out, id, ErrorCode::GroupFull, "too many users named");
                 return Ok(());
@@ -73,7 +90,7 @@ pub(super) fn handle_frame(
                 request_id: id,
                 op: op.op,
                 group_id: op.group_id.to_native(),
-                name: op.name.as_str().to_owned(),
+                name,
                 users: op.users.iter().map(|u| u.as_str().to_owned()).collect(),
             });
         }

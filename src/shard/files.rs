@@ -177,10 +177,10 @@ impl Shard {
                 );
             }
         }
-        let files_dir = self.ctx.store.files_dir().to_path_buf();
-        // Content the node already holds needs no bytes: finish publishes nothing new.
-        let have_blob = blob_path(&files_dir, &sha256).exists();
-        let path = upload_path(&files_dir, user, &sha256, size);
+        // The offset counts only bytes this user sent for this upload: never whether the
+        // node holds the content already (that would hand the content to anyone who knows
+        // its hash, and tell them it is stored). Dedup happens at finish, out of sight.
+        let path = upload_path(self.ctx.store.files_dir(), user, &sha256, size);
         let opened = File::options()
             .create(true)
             .append(true)
@@ -205,7 +205,7 @@ impl Shard {
                 );
             }
         };
-        let offset = if have_blob { size } else { held };
+        let offset = held;
         self.next_upload_id += 1;
         let id = self.next_upload_id;
         self.uploads.entry(conn_id).or_default().push(Upload {
@@ -391,6 +391,7 @@ impl Shard {
             offset,
             size: meta.size,
             data,
+            sha256: meta.sha256.to_vec(),
         };
         if let Some(conn) = self.conn_mut(conn_id) {
             conn.reply(Kind::FileChunk, request_id, &chunk);

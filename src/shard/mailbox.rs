@@ -23,8 +23,11 @@ pub enum ShardMsg {
     Result(OpResult),
     /// A committed timeline entry for a user with a device on this shard.
     Deliver(Delivery),
-    /// Another login replaced this connection's device.
-    Kick { conn: ConnId },
+    /// Close this connection with `Kicked`: another login replaced its device, or its
+    /// tokens were revoked.
+    Kick { conn: ConnId, why: KickWhy },
+    /// A hashing thread checked the password of a login on this shard.
+    Login(super::login::LoginVerdict),
     /// A user watched by `conn` came online or went offline.
     Presence {
         conn: ConnId,
@@ -35,6 +38,15 @@ pub enum ShardMsg {
         user: crate::ids::UserId,
         push: std::sync::Arc<crate::protocol::TypingPush>,
     },
+}
+
+/// Why a connection is kicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickWhy {
+    /// Another login of the same device (`replaced_by_new_login`).
+    Replaced,
+    /// Its tokens were revoked (`revoked`); says by what.
+    Revoked(&'static str),
 }
 
 pub struct Mailbox {

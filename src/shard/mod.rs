@@ -4,10 +4,13 @@
 //! A shard owns its connections outright. It reads the store through short read
 //! transactions (never blocking), hands writes to the store writer through a bounded queue,
 //! and learns of commits through its mailbox. Architecture invariant: a shard thread never
-//! blocks outside its backend's wait, except for a password hash at first login.
+//! blocks outside its backend's wait (password hashes run on `login::HashPool`).
 
+mod account;
 mod files;
+pub mod login;
 pub mod mailbox;
+mod preauth;
 mod presence;
 mod team;
 pub mod timer_wheel;
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, TokenKey};
+use crate::auth::TokenKey;
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::io::{Handler, Transmit};
 use crate::limits::{
@@ -27,12 +30,12 @@ use crate::limits::{
     SHARD_UNAUTHENTICATED_MAX, SHARD_WRITER_WAITING_MAX, SYNC_PAGE_BYTES_MAX,
     SYNC_PAGE_ENTRIES_MAX, TIMER_SLOTS, TIMER_TICK_MS,
 };
-use crate::protocol::{EntryRef, ErrorCode, LoginOk, SyncPageRef};
+use crate::protocol::{EntryRef, ErrorCode, SyncPageRef};
 use crate::routing::Directory;
-use crate::session::{Conn, Credential, Identity, Request, SessionConfig};
+use crate::session::{Conn, Request, SessionConfig};
 use crate::storage::{Delivery, OpResult, Origin, Store, WriteOp, WriterHandle};
 
-use mailbox::{Mailbox, ShardMsg};
+use mailbox::{KickWhy, Mailbox, ShardMsg};
 use timer_wheel::TimerWheel;
 
 /// Everything a shard shares with the rest of the node.
@@ -43,6 +46,10 @@ pub struct ShardContext {
     pub directory: Arc<Directory>,
     pub mailboxes: Arc<[Mailbox]>,
     pub token_key: Arc<TokenKey>,
+    /// The node's password-checking threads.
+    pub hash_pool: login::HashPool,
+    /// Failed password logins per account and per source address, node-wide.
+    pub throttle: Arc<login::SharedThrottle>,
     /// Shared so that handing it to a connection per received chunk costs no allocation.
     pub session: Arc<SessionConfig>,
     /// Whether quiet spells of heartbeats may stretch the loop's waits (`serve
@@ -64,11 +71,18 @@ pub struct ShardStats {
     pub reads_parked: u64,
     /// Ops that found the writer's queue full and waited in the shard's line.
     pub writer_waits: u64,
+    /// Connections that had not logged in, closed to make room for newer ones.
+    pub preauth_evictions: u64,
 }
 
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
+    /// Where the connection came from: failed logins are throttled per source address.
+    peer: std::net::IpAddr,
+    /// The connection counts in the table of connections that have not logged in
+    /// (`stats.unauthenticated`, `preauth`).
+    preauth: bool,
 }
 
 pub struct Shard {
@@ -85,7 +99,7 @@ pub struct Shard {
     expired: Vec<ConnId>,
     deliveries: Vec<Delivery>,
     /// Kicks for other shards whose mailboxes were full; retried next turn.
-    kicks_pending: Vec<(ShardId, ConnId)>,
+    kicks_pending: Vec<(ShardId, ConnId, KickWhy)>,
     /// Something other than heartbeats was handled since `heartbeats_only` last asked.
     urgent: bool,
     /// Monotonic ms of the last urgent work; heartbeat coalescing waits for a quiet spell.
@@ -109,6 +123,11 @@ pub struct Shard {
     /// Uploads in progress per connection (at most `UPLOADS_PER_CONNECTION_MAX` each).
     uploads: HashMap<ConnId, Vec<files::Upload>>,
     next_upload_id: u64,
+    /// Connections that have not logged in: arrival order, count per source address.
+    preauth: preauth::PreAuth,
+    /// `throttled` login answers held back for a while (at most one per connection that
+    /// has not logged in).
+    held_refusals: Vec<login::HeldRefusal>,
     stats: ShardStats,
 }
 
@@ -136,6 +155,8 @@ impl Shard {
             writer_waiting: VecDeque::new(),
             uploads: HashMap::new(),
             next_upload_id: 0,
+            preauth: preauth::PreAuth::default(),
+            held_refusals: Vec::new(),
             stats: ShardStats::default(),
         }
     }
@@ -185,6 +206,7 @@ impl Shard {
         }
         let conn = slot.conn.take()?;
         self.stats.connections -= 1;
+        self.leave_preauth(conn_id);
         // The temp files stay: a later start of the same content resumes them.
         self.uploads.remove(&conn_id);
         if let Some(identity) = conn.identity() {
@@ -198,10 +220,41 @@ impl Shard {
                 }
             }
             self.presence_forgotten(conn_id, identity.user);
-        } else {
-            self.stats.unauthenticated -= 1;
         }
         Some(conn)
+    }
+
+    /// Takes `conn_id` out of the table of connections that have not logged in, if it is
+    /// there (it logged in, closed, or was evicted).
+    fn leave_preauth(&mut self, conn_id: ConnId) {
+        let Some(slot) = self.slots.get_mut(conn_id.index as usize) else {
+            return;
+        };
+        if slot.generation != conn_id.generation || !slot.preauth {
+            return;
+        }
+        slot.preauth = false;
+        self.stats.unauthenticated -= 1;
+        self.preauth.left(slot.peer);
+    }
+
+    /// Makes room in a full table of connections that have not logged in: closes the one
+    /// that has waited longest.
+    fn evict_oldest_preauth(&mut self) {
+        let slots = &self.slots;
+        let Some(oldest) = self.preauth.oldest(|c| waiting_for_login(slots, c)) else {
+            return;
+        };
+        self.stats.preauth_evictions += 1;
+        if let Some(conn) = self.conn_mut(oldest) {
+            conn.fail(
+                0,
+                ErrorCode::Timeout,
+                "closed before login: too many connections are waiting to log in",
+            );
+        }
+        self.leave_preauth(oldest);
+        self.mark_dirty(oldest);
     }
 
     fn handle_requests(&mut self, conn_id: ConnId, now_ms: u64) {
@@ -341,6 +394,7 @@ impl Shard {
             other => {
                 let unhandled = self
                     .handle_team_request(conn_id, other)
+                    .and_then(|other| self.handle_account_request(conn_id, other))
                     .and_then(|other| self.handle_presence_request(conn_id, other, now_ms))
                     .and_then(|other| self.handle_file_request(conn_id, other));
                 debug_assert!(unhandled.is_none(), "request without a handler");
@@ -348,100 +402,26 @@ impl Shard {
         }
     }
 
-    fn login(
-        &mut self,
-        conn_id: ConnId,
-        request_id: u32,
-        user: String,
-        device: String,
-        credential: Credential,
-        now_ms: u64,
-    ) {
-        let wall_ms = wall_clock_ms();
-        let checked = (|| -> Result<(UserId, u64, u64), (ErrorCode, String)> {
-            let view = self.ctx.store.read().map_err(storage_failed)?;
-            let record = view
-                .user_by_name(&user)
-                .map_err(storage_failed)?
-                .ok_or((ErrorCode::AuthFailed, "wrong user or credential".to_owned()))?;
-            let valid = match &credential {
-                Credential::Password(password) => {
-                    auth::verify_password(password, &record.password_hash)
-                }
-                Credential::Token(token) => self
-                    .ctx
-                    .token_key
-                    .verify(token, wall_ms)
-                    .is_ok_and(|id| id == record.id),
-            };
-            if !valid {
-                return Err((ErrorCode::AuthFailed, "wrong user or credential".to_owned()));
-            }
-            let head = view.head_seq(record.id).map_err(storage_failed)?;
-            let acked = view
-                .device_acked_seq(record.id, &device)
-                .map_err(storage_failed)?;
-            Ok((record.id, head, acked))
-        })();
-        let (user_id, head_seq, acked_seq) = match checked {
-            Ok(found) => found,
-            Err((code, message)) => {
-                if let Some(conn) = self.conn_mut(conn_id) {
-                    conn.login_failed(request_id, code, &message);
-                }
-                self.mark_dirty(conn_id);
-                return;
-            }
-        };
-        // Register before answering, so every entry committed from now on is pushed; the
-        // client's sync after login covers everything before.
-        if let Some(old) = self
-            .ctx
-            .directory
-            .register(user_id, &device, self.id, conn_id)
-        {
-            self.kick(old.shard, old.conn);
-        }
-        let (token, token_expires_at_ms) = self.ctx.token_key.issue(user_id, wall_ms);
-        let ok = LoginOk {
-            user_id: user_id.0,
-            token,
-            token_expires_at_ms,
-            head_seq,
-            acked_seq,
-        };
-        let identity = Identity {
-            user: user_id,
-            name: user,
-            device,
-        };
-        let mut requests = std::mem::take(&mut self.requests);
-        let session = self.ctx.session.clone();
-        let Some(conn) = self.conn_mut(conn_id) else {
-            return;
-        };
-        conn.login_ok(request_id, identity, &ok, now_ms, &session, &mut requests);
-        self.requests = requests;
-        self.stats.unauthenticated -= 1;
-        self.stats.logins += 1;
-        self.online.entry(user_id).or_default().push(conn_id);
-        self.presence_connected(user_id);
-        self.mark_dirty(conn_id);
-    }
-
-    fn kick(&mut self, shard: ShardId, conn: ConnId) {
+    fn kick(&mut self, shard: ShardId, conn: ConnId, why: KickWhy) {
         self.stats.kicks += 1;
         if shard == self.id {
-            if let Some(c) = self.conn_mut(conn) {
-                c.kick("another login replaced this device");
-                self.mark_dirty(conn);
-            }
-        } else if let Err(ShardMsg::Kick { conn }) =
-            self.ctx.mailboxes[shard.0 as usize].try_put(ShardMsg::Kick { conn })
+            self.kick_here(conn, why);
+        } else if let Err(ShardMsg::Kick { conn, why }) =
+            self.ctx.mailboxes[shard.0 as usize].try_put(ShardMsg::Kick { conn, why })
         {
-            self.kicks_pending.push((shard, conn));
+            self.kicks_pending.push((shard, conn, why));
         } else {
             self.ctx.mailboxes[shard.0 as usize].wake();
+        }
+    }
+
+    fn kick_here(&mut self, conn: ConnId, why: KickWhy) {
+        if let Some(c) = self.conn_mut(conn) {
+            match why {
+                KickWhy::Replaced => c.kick("another login replaced this device"),
+                KickWhy::Revoked(message) => c.kick_with(ErrorCode::Revoked, message),
+            }
+            self.mark_dirty(conn);
         }
     }
 
@@ -606,12 +586,8 @@ impl Shard {
                 self.mark_dirty(origin.conn);
             }
             ShardMsg::Deliver(delivery) => self.deliveries.push(delivery),
-            ShardMsg::Kick { conn } => {
-                if let Some(c) = self.conn_mut(conn) {
-                    c.kick("another login replaced this device");
-                    self.mark_dirty(conn);
-                }
-            }
+            ShardMsg::Login(verdict) => self.login_verified(verdict, self.now_ms),
+            ShardMsg::Kick { conn, why } => self.kick_here(conn, why),
             msg @ (ShardMsg::Presence { .. } | ShardMsg::Typing { .. }) => {
                 self.handle_ephemeral(msg)
             }
@@ -658,18 +634,23 @@ impl Shard {
 }
 
 impl Handler for Shard {
-    fn accepted(&mut self, conn_id: ConnId, _peer: SocketAddr, now: Instant) -> bool {
-        if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX
-            || self.stats.connections >= SHARD_CONNECTIONS_MAX
+    fn accepted(&mut self, conn_id: ConnId, peer: SocketAddr, now: Instant) -> bool {
+        if self.stats.connections >= SHARD_CONNECTIONS_MAX
             || self.ctx.stop.load(Ordering::Relaxed)
+            || self.preauth.address_full(peer.ip())
         {
             return false;
+        }
+        if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX {
+            self.evict_oldest_preauth();
         }
         let index = conn_id.index as usize;
         if self.slots.len() <= index {
             self.slots.resize_with(index + 1, || Slot {
                 generation: 0,
                 conn: None,
+                peer: std::net::IpAddr::from([0, 0, 0, 0]),
+                preauth: false,
             });
         }
         let now_ms = self.now_ms(now);
@@ -677,8 +658,13 @@ impl Handler for Shard {
         assert!(slot.conn.is_none(), "backend reused a live slot");
         slot.generation = conn_id.generation;
         slot.conn = Some(Conn::new(now_ms));
+        slot.peer = peer.ip();
+        slot.preauth = true;
         self.stats.connections += 1;
         self.stats.unauthenticated += 1;
+        let slots = &self.slots;
+        self.preauth
+            .admit(conn_id, peer.ip(), |c| waiting_for_login(slots, c));
         // One wheel entry per connection for its whole life. The first check comes no later
         // than either deadline it can have: the handshake's, or the idle timeout of a login
         // that completes at once. Later checks re-insert at the real deadline.
@@ -716,8 +702,8 @@ impl Handler for Shard {
     fn tick(&mut self, now: Instant) -> Option<Duration> {
         let now_ms = self.now_ms(now);
         self.now_ms = now_ms;
-        for (shard, conn) in std::mem::take(&mut self.kicks_pending) {
-            self.kick(shard, conn);
+        for (shard, conn, why) in std::mem::take(&mut self.kicks_pending) {
+            self.kick(shard, conn, why);
         }
         self.retry_ephemeral();
         self.drain_writer_waiting();
@@ -769,7 +755,13 @@ impl Handler for Shard {
         {
             return Some(Duration::from_millis(1));
         }
-        self.wheel.timeout_ms(now_ms).map(Duration::from_millis)
+        let held_ms = self.answer_held_refusals(now_ms);
+        let wheel_ms = self.wheel.timeout_ms(now_ms);
+        match (held_ms, wheel_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(Duration::from_millis)
     }
 
     fn flush(&mut self, transmit: &mut dyn Transmit) {
@@ -833,6 +825,13 @@ fn request_id_of(request: &Request) -> u32 {
         | Request::Conversations { request_id, .. } => *request_id,
         _ => unreachable!("only reads of derived state are parked"),
     }
+}
+
+/// Whether `conn` is in its shard's table of connections that have not logged in.
+fn waiting_for_login(slots: &[Slot], conn: ConnId) -> bool {
+    slots
+        .get(conn.index as usize)
+        .is_some_and(|slot| slot.generation == conn.generation && slot.preauth)
 }
 
 fn storage_failed(e: crate::storage::StoreError) -> (ErrorCode, String) {

@@ -311,10 +311,16 @@ impl Shard {
 
     /// Answers a team op the writer finished.
     pub(super) fn answer_reply(&mut self, conn_id: ConnId, request_id: u32, reply: Reply) {
+        let reply = match reply {
+            // Kicks reach other connections too, whether or not this one is still here.
+            Reply::Revoked(revoked) => return self.revoked(conn_id, request_id, revoked),
+            other => other,
+        };
         let Some(conn) = self.conn_mut(conn_id) else {
             return;
         };
         match reply {
+            Reply::Revoked(_) => unreachable!("answered above"),
             Reply::Group(info) => conn.reply(Kind::GroupInfo, request_id, &info),
             Reply::Read(ok) => conn.reply(Kind::ReadOk, request_id, &ok),
             Reply::File(info) => conn.reply(Kind::FileInfo, request_id, &info),

@@ -32,7 +32,8 @@ pub(super) fn check(op: &WriteOp) -> Result<(), StoreError> {
         | WriteOp::Read { .. }
         | WriteOp::FileCommit { .. }
         | WriteOp::FileSend(_)
-        | WriteOp::Flush { .. } => Ok(()),
+        | WriteOp::Flush { .. }
+        | WriteOp::Account(_) => Ok(()),
         WriteOp::DeviceAck { user, device, .. } => match DeviceKey::new(*user, device) {
             Some(_) => Ok(()),
             None => Err(StoreError::InvalidArgument("device name")),
@@ -63,10 +64,8 @@ pub(super) fn in_one_txn(
     deliveries: &mut Vec<Delivery>,
 ) -> Result<bool, StoreError> {
     let dbs = store.dbs();
-    let mut txn = store
-        .env()
-        .write_txn()
-        .map_err(StoreError::lmdb("begin write txn"))?;
+    // The gate keeps the map from being resized under the transaction (`Store::write_txn`).
+    let (_gate, mut txn) = store.write_txn()?;
     // Once the journal was applied in this transaction, it is applied again at the end, so
     // the transaction leaves nothing half-applied in the memory of the journal.
     let mut applied = false;
@@ -200,6 +199,7 @@ pub(super) fn in_one_txn(
                 };
                 files::apply_file_send(&mut txn, dbs, journal, fields, results, deliveries)?;
             }
+            WriteOp::Account(op) => super::account::apply_account(&mut txn, dbs, op, results)?,
         }
     }
     let at_end = applied || (when == ApplyJournal::AtEnd && !journal.is_empty());

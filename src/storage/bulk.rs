@@ -46,6 +46,11 @@ impl Store {
         if prefix.len() + last.to_string().len() > USER_NAME_SIZE_MAX {
             return Err(StoreError::InvalidArgument("user name is too long"));
         }
+        // The numbers are ASCII digits: checking the first name checks them all.
+        let prefix = super::user_name_checked(&format!("{prefix}{first}"))?
+            .strip_suffix(&first.to_string())
+            .expect("NFC keeps ASCII digits")
+            .to_owned();
         let dbs = self.dbs();
         let mut txn = self
             .env()
@@ -58,11 +63,12 @@ impl Store {
         let mut value = Vec::with_capacity(8 + password_hash.len());
         for number in first..first + count {
             name.clear();
-            name.push_str(prefix);
+            name.push_str(&prefix);
             name.push_str(&number.to_string());
+            let key = crate::names::user_key(&name);
             let existing = dbs
                 .users
-                .get(&txn, name.as_bytes())
+                .get(&txn, key.as_bytes())
                 .map_err(StoreError::lmdb("read user"))?;
             if let Some(existing) = existing {
                 let head = existing
@@ -79,7 +85,7 @@ impl Store {
             value.extend_from_slice(&next_id.to_be_bytes());
             value.extend_from_slice(password_hash.as_bytes());
             dbs.users
-                .put(&mut txn, name.as_bytes(), &value)
+                .put(&mut txn, key.as_bytes(), &value)
                 .map_err(StoreError::lmdb("write user"))?;
             dbs.user_names
                 .put(&mut txn, &schema::user_key(user), name.as_bytes())

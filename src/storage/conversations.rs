@@ -304,6 +304,25 @@ pub(super) fn apply_read(
     Ok(())
 }
 
+/// The title of a group conversation for a former member: the group's name carried by its
+/// last entry there (the record that took it out), or a neutral one for records stored
+/// before removals carried the name.
+fn former_group_title(bytes: &[u8]) -> String {
+    if protocol::is_record(bytes)
+        && let Ok(record) = rkyv::access::<ArchivedRecord, rkyv::rancor::Failure>(
+            &bytes[protocol::RECORD_MARKER.len()..],
+        )
+        && matches!(
+            record.kind.to_native(),
+            record_kind::MEMBERS_REMOVED | record_kind::MEMBER_LEFT
+        )
+        && !record.text.is_empty()
+    {
+        return record.text.as_str().to_owned();
+    }
+    "a former group".to_owned()
+}
+
 /// Who wrote a stored entry and a preview of it.
 fn preview(bytes: &[u8]) -> Result<(String, String), StoreError> {
     if protocol::is_record(bytes) {
@@ -313,6 +332,11 @@ fn preview(bytes: &[u8]) -> Result<(String, String), StoreError> {
         .map_err(|_| StoreError::Corrupt("stored record"))?;
         let text = match record.kind.to_native() {
             record_kind::GROUP_MESSAGE => record.text.as_str().to_owned(),
+            // A file message shows its caption, or else the file's name.
+            record_kind::FILE_MESSAGE => match (record.text.as_str(), record.attachments.first()) {
+                ("", Some(file)) => file.name.as_str().to_owned(),
+                (caption, _) => caption.to_owned(),
+            },
             record_kind::GROUP_CREATED => format!("created the group {}", record.text.as_str()),
             record_kind::MEMBERS_ADDED => format!("added {} member(s)", record.users.len()),
             record_kind::MEMBERS_REMOVED => format!("removed {} member(s)", record.users.len()),
@@ -428,7 +452,18 @@ impl<'s> ReadView<'s> {
             let state = conv_state(self.txn(), self.dbs(), user, conv)?.ok_or(
                 StoreError::Corrupt("conversation order without conversation"),
             )?;
+            let message = self
+                .dbs()
+                .messages
+                .get(self.txn(), &schema::msg_key(state.last_msg_id))
+                .map_err(StoreError::lmdb("read message"))?
+                .ok_or(StoreError::Corrupt("conversation without its last message"))?;
             let title = match conv_group(conv) {
+                // A former member sees the name as of its removal (its last entry there),
+                // never the group's state after it.
+                Some(group_id) if !self.is_group_member(group_id, user)? => {
+                    former_group_title(message)
+                }
                 Some(group_id) => self
                     .group_name(group_id)?
                     .ok_or(StoreError::Corrupt("conversation of a missing group"))?,
@@ -436,12 +471,6 @@ impl<'s> ReadView<'s> {
                     .user_name(UserId(conv))?
                     .ok_or(StoreError::Corrupt("conversation with a missing user"))?,
             };
-            let message = self
-                .dbs()
-                .messages
-                .get(self.txn(), &schema::msg_key(state.last_msg_id))
-                .map_err(StoreError::lmdb("read message"))?
-                .ok_or(StoreError::Corrupt("conversation without its last message"))?;
             let (last_from, preview) = preview(message)?;
             items.push(ConversationItem {
                 conv,

@@ -19,6 +19,8 @@ pub enum StoreError {
     /// Stored bytes break the schema (wrong value length, missing message, gap in a
     /// timeline). Names what was found broken.
     Corrupt(&'static str),
+    /// A passing condition kept the operation from running (says which); retry it.
+    Busy(&'static str),
     /// LMDB failed while doing `op`.
     Lmdb {
         op: &'static str,
@@ -48,6 +50,7 @@ impl fmt::Display for StoreError {
             StoreError::AlreadyExists => f.write_str("already exists"),
             StoreError::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
             StoreError::Corrupt(what) => write!(f, "store corrupt: {what}"),
+            StoreError::Busy(what) => write!(f, "store busy: {what}; retry"),
             StoreError::Lmdb { op, error } => write!(f, "lmdb error in {op}: {error}"),
             StoreError::Io { op, error } => write!(f, "i/o error in {op}: {error}"),
         }
@@ -62,7 +65,8 @@ impl std::error::Error for StoreError {
             StoreError::Full
             | StoreError::AlreadyExists
             | StoreError::InvalidArgument(_)
-            | StoreError::Corrupt(_) => None,
+            | StoreError::Corrupt(_)
+            | StoreError::Busy(_) => None,
         }
     }
 }

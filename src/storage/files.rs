@@ -244,34 +244,37 @@ pub(super) fn apply_file_commit(
     let temp = upload_path(op.files_dir, op.owner, &op.sha256, op.size);
     let blob = blob_path(op.files_dir, &op.sha256);
     let io = |op: &'static str| move |error| StoreError::Io { op, error };
-    if !blob.exists() {
-        let (size, sha256) = match hash_file(&temp) {
-            Ok(found) => found,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                refuse(
-                    results,
-                    op.origin,
-                    ErrorCode::UnknownFile,
-                    "no upload in progress",
-                );
-                return Ok(());
-            }
-            Err(e) => return Err(io("hash upload")(e)),
-        };
-        if size != op.size || sha256 != op.sha256 {
-            // The bytes are wrong: start over rather than resume from them.
-            let _ = std::fs::remove_file(&temp);
+    // The uploader's own bytes are checked even when the content is stored already: a
+    // file id is granted only for content its owner sent in full. The shared blob is
+    // an internal saving, never a shortcut.
+    let (size, sha256) = match hash_file(&temp) {
+        Ok(found) => found,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             refuse(
                 results,
                 op.origin,
-                ErrorCode::FileMismatch,
-                "size or SHA-256 differs from the start",
+                ErrorCode::UnknownFile,
+                "no upload in progress",
             );
             return Ok(());
         }
-        publish(&temp, &blob).map_err(io("publish file"))?;
-    } else {
+        Err(e) => return Err(io("hash upload")(e)),
+    };
+    if size != op.size || sha256 != op.sha256 {
+        // The bytes are wrong: start over rather than resume from them.
         let _ = std::fs::remove_file(&temp);
+        refuse(
+            results,
+            op.origin,
+            ErrorCode::FileMismatch,
+            "size or SHA-256 differs from the start",
+        );
+        return Ok(());
+    }
+    if blob.exists() {
+        let _ = std::fs::remove_file(&temp);
+    } else {
+        publish(&temp, &blob).map_err(io("publish file"))?;
     }
     let file_id = schema::counter_next(txn, dbs, META_NEXT_FILE_ID)?;
     schema::counter_set(txn, dbs, META_NEXT_FILE_ID, file_id + 1)?;
@@ -454,6 +457,7 @@ pub(super) fn apply_file_send(
             height: send.height,
             mime: meta.mime.clone(),
             name: meta.name.clone(),
+            sha256: meta.sha256.to_vec(),
         }],
     };
     let bytes: Arc<[u8]> = archive_record(&record)?.into();

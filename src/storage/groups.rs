@@ -480,9 +480,15 @@ fn membership_record(op: &GroupOpFields<'_>, kind: u16, users: &[UserId], name: 
         client_msg_id: 0,
         sent_at_ms: op.at_ms,
         up_to: 0,
+        // A removal or leave carries the group's name as of that change: the members it
+        // takes out see nothing of the group after it, so their conversation keeps this
+        // name (never one given later).
         text: if matches!(
             kind,
-            record_kind::GROUP_CREATED | record_kind::GROUP_RENAMED
+            record_kind::GROUP_CREATED
+                | record_kind::GROUP_RENAMED
+                | record_kind::MEMBERS_REMOVED
+                | record_kind::MEMBER_LEFT
         ) {
             name.to_owned()
         } else {

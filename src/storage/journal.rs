@@ -376,10 +376,8 @@ impl Journal {
     /// entries from the committed journal. Pending device acks are kept (they were never
     /// in a transaction).
     pub(crate) fn reload(&mut self, store: &Store) -> Result<(), StoreError> {
-        let txn = store
-            .env()
-            .read_txn()
-            .map_err(StoreError::lmdb("begin journal read"))?;
+        let view = store.read()?;
+        let txn = view.txn();
         let dbs = store.dbs();
         self.heads.clear();
         self.dedup.clear();
@@ -387,7 +385,7 @@ impl Journal {
         let mut any = false;
         for item in dbs
             .journal
-            .iter(&txn)
+            .iter(txn)
             .map_err(StoreError::lmdb("open journal"))?
         {
             let (key, value) = item.map_err(StoreError::lmdb("read journal"))?;
@@ -422,10 +420,7 @@ impl Journal {
     /// At start-up: applies what a previous run logged and did not apply, in one
     /// transaction. Returns the number of journal entries applied.
     pub(crate) fn recover(&mut self, store: &Store) -> Result<u64, StoreError> {
-        let mut txn = store
-            .env()
-            .write_txn()
-            .map_err(StoreError::lmdb("begin recovery txn"))?;
+        let (_gate, mut txn) = store.write_txn()?;
         let entries = store
             .dbs()
             .journal

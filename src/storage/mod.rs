@@ -11,6 +11,7 @@
 //! transaction beyond one request (it pins old pages and fills the map); or cache a counter
 //! outside a transaction (another process may have written since).
 
+mod account;
 mod apply;
 mod bulk;
 mod conversations;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 
 use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
 
+pub use account::{AccountChange, AccountOp, Revoked};
 pub use bulk::{BULK_USERS_MAX, BulkUsers};
 pub use error::StoreError;
 pub use files::{FileMeta, blob_path, upload_path};
@@ -79,6 +81,11 @@ impl Default for StoreConfig {
     }
 }
 
+/// Longest a thread waits for every transaction of the process to end before adopting a
+/// map size another process grew (`Store::adopt_map_size`). Transactions last one request
+/// or one commit, so this is rarely more than a few ms; it happens once per resize.
+const MAP_RESIZE_WAIT_MS: u64 = 200;
+
 /// A 32-bit process must fit the whole map in its 3 GiB address space.
 #[cfg(target_pointer_width = "64")]
 const MAP_SIZE_DEFAULT: usize = crate::limits::MAP_SIZE_DEFAULT_64;
@@ -112,6 +119,11 @@ struct StoreInner {
     /// Users with journal entries the derived tables do not show yet (`journal.rs`).
     pending: Arc<journal::PendingUsers>,
     counters: WriterCounters,
+    /// Every transaction of this process holds it shared; adopting a map size grown by
+    /// another process takes it exclusively (LMDB may resize the map only while this
+    /// process has no transaction). Never waited on as a writer: `adopt_map_size` only
+    /// tries, so a thread holding a view may open another one without deadlock.
+    gate: std::sync::RwLock<()>,
 }
 
 // Shards and the writer share the store across threads.
@@ -127,6 +139,18 @@ impl Store {
     /// already has open fails with `StoreError::Lmdb` (`EnvAlreadyOpened`). Clone the
     /// `Store` instead. Other processes may open it at the same time.
     pub fn open(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        Store::open_with(dir, config, false)
+    }
+
+    /// Opens the store the way an admin tool beside a running node must: an existing store
+    /// is opened with the map size recorded in it (the running node's), whatever
+    /// `config.map_size` says, so the tool never grows the map under the node; when it does
+    /// not fit, the tool fails with `StoreError::Full`. A new store gets `config.map_size`.
+    pub fn open_beside_node(dir: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        Store::open_with(dir, config, dir.join("data.mdb").exists())
+    }
+
+    fn open_with(dir: &Path, config: &StoreConfig, adopt: bool) -> Result<Store, StoreError> {
         if config.map_size == 0 {
             return Err(StoreError::InvalidArgument("map size is zero"));
         }
@@ -137,9 +161,12 @@ impl Store {
         })?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
         options
-            .map_size(map_size)
             .max_dbs(schema::DATABASES_MAX)
             .max_readers(MAP_READERS_MAX);
+        if !adopt {
+            // Without it LMDB takes the size recorded in the environment.
+            options.map_size(map_size);
+        }
         if config.durability == Durability::None {
             // SAFETY: NO_SYNC only drops the fsync at commit. Without WRITE_MAP (never set
             // here) LMDB keeps atomicity and consistency; a system crash loses the most
@@ -167,18 +194,17 @@ impl Store {
                 journal_interval_ms: config.journal_interval_ms,
                 pending: Arc::new(journal::PendingUsers::new()),
                 counters: WriterCounters::default(),
+                gate: std::sync::RwLock::new(()),
             }),
         })
     }
 
     /// Creates a user in its own write transaction. Ids start at 1 and are never reused.
+    ///
+    /// The name is stored in NFC (`names::normalize`) and must be unique ignoring case
+    /// (`names::user_key`): `AlreadyExists` for `BOB` beside `bob`.
     pub fn add_user(&self, name: &str, password_hash: &str) -> Result<UserId, StoreError> {
-        if name.is_empty() {
-            return Err(StoreError::InvalidArgument("user name is empty"));
-        }
-        if name.len() > USER_NAME_SIZE_MAX {
-            return Err(StoreError::InvalidArgument("user name is too long"));
-        }
+        let name = &user_name_checked(name)?;
         if password_hash.is_empty() {
             return Err(StoreError::InvalidArgument("password hash is empty"));
         }
@@ -188,9 +214,10 @@ impl Store {
             .env
             .write_txn()
             .map_err(StoreError::lmdb("begin add_user txn"))?;
+        let key = crate::names::user_key(name);
         let taken = dbs
             .users
-            .get(&txn, name.as_bytes())
+            .get(&txn, key.as_bytes())
             .map_err(StoreError::lmdb("read user"))?;
         if taken.is_some() {
             return Err(StoreError::AlreadyExists);
@@ -203,7 +230,7 @@ impl Store {
         value.extend_from_slice(&id.to_be_bytes());
         value.extend_from_slice(password_hash.as_bytes());
         dbs.users
-            .put(&mut txn, name.as_bytes(), &value)
+            .put(&mut txn, key.as_bytes(), &value)
             .map_err(StoreError::lmdb("write user"))?;
         let user = UserId(id);
         dbs.user_names
@@ -215,13 +242,87 @@ impl Store {
     }
 
     /// A short read transaction. Drop it before the request it serves is answered.
+    ///
+    /// If another process grew the map (LMDB's `MDB_MAP_RESIZED`, e.g. an admin tool run
+    /// with a larger `--map-size-mib`), adopts the new size and retries once.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        let txn = self
-            .inner
-            .env
-            .read_txn()
-            .map_err(StoreError::lmdb("begin read txn"))?;
-        Ok(ReadView::new(txn, &self.inner.dbs))
+        let mut adopted = false;
+        loop {
+            let gate = self.gate_shared();
+            match self.inner.env.read_txn() {
+                Ok(txn) => return Ok(ReadView::new(txn, &self.inner.dbs, gate)),
+                Err(heed::Error::Mdb(heed::MdbError::MapResized)) if !adopted => {
+                    drop(gate);
+                    self.adopt_map_size()?;
+                    adopted = true;
+                }
+                Err(e) => return Err(StoreError::lmdb("begin read txn")(e)),
+            }
+        }
+    }
+
+    /// A write transaction for the node's writer thread, with the gate that keeps the map
+    /// from being resized under it; like `read`, adopts a map grown by another process and
+    /// retries once. Keep the returned guard alive until the transaction is committed or
+    /// dropped: `let (_gate, mut txn) = store.write_txn()?;` (the tuple drops the
+    /// transaction first).
+    pub fn write_txn(
+        &self,
+    ) -> Result<(std::sync::RwLockReadGuard<'_, ()>, heed::RwTxn<'_>), StoreError> {
+        let mut adopted = false;
+        loop {
+            let gate = self.gate_shared();
+            match self.inner.env.write_txn() {
+                Ok(txn) => return Ok((gate, txn)),
+                Err(heed::Error::Mdb(heed::MdbError::MapResized)) if !adopted => {
+                    drop(gate);
+                    self.adopt_map_size()?;
+                    adopted = true;
+                }
+                Err(e) => return Err(StoreError::lmdb("begin write txn")(e)),
+            }
+        }
+    }
+
+    fn gate_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        // The gate guards no data: a panic while it was held leaves nothing inconsistent.
+        self.inner.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adopts the map size another process recorded (`mdb_env_set_mapsize(0)`), once no
+    /// transaction of this process is open. Tries for at most `MAP_RESIZE_WAIT_MS`
+    /// (transactions are short: the writer's lasts one commit); `StoreError::Busy` if
+    /// transactions never all ended in that time (the caller's request fails, the next one
+    /// tries again). Called by `read` and `write_txn` when LMDB reports `MDB_MAP_RESIZED`.
+    pub fn adopt_map_size(&self) -> Result<(), StoreError> {
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(MAP_RESIZE_WAIT_MS);
+        loop {
+            match self.inner.gate.try_write() {
+                Ok(_exclusive) => {
+                    // SAFETY: the exclusive gate means no transaction of this process is
+                    // open (every one holds the gate shared while it lives), which is
+                    // LMDB's condition for mdb_env_set_mapsize on an open environment.
+                    return unsafe { self.inner.env.resize(0) }
+                        .map_err(StoreError::lmdb("adopt map size"));
+                }
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    drop(e);
+                    self.inner.gate.clear_poison();
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Busy("another process resized the map"));
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
+        }
+    }
+
+    /// Bytes the map spans now (grows when another process's larger size is adopted).
+    pub fn map_size(&self) -> usize {
+        self.inner.env.info().map_size
     }
 
     pub fn durability(&self) -> Durability {
@@ -287,4 +388,17 @@ fn round_up_to_page(size: usize) -> Result<usize, StoreError> {
         })?;
     size.checked_next_multiple_of(page)
         .ok_or(StoreError::InvalidArgument("map size overflows"))
+}
+
+/// `name` in NFC if it is a valid user name (`names`), or why not.
+pub(crate) fn user_name_checked(name: &str) -> Result<String, StoreError> {
+    use crate::names::NameError;
+    crate::names::normalize(name, USER_NAME_SIZE_MAX).map_err(|e| {
+        StoreError::InvalidArgument(match e {
+            NameError::Empty => "user name is empty",
+            NameError::TooLong => "user name is too long",
+            NameError::OuterWhitespace => "user name starts or ends with whitespace",
+            NameError::Control => "user name holds a control character",
+        })
+    })
 }

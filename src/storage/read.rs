@@ -16,13 +16,25 @@ use crate::limits::USER_NAME_SIZE_MAX;
 /// A read transaction on the store. Slices it hands out borrow the map and live as long as
 /// the view.
 pub struct ReadView<'s> {
+    // Field order is drop order: the transaction ends before the gate is released.
     txn: RoTxn<'s, WithoutTls>,
     dbs: &'s Dbs,
+    /// Held while the transaction lives, so the map is never resized under it
+    /// (`Store::adopt_map_size`).
+    _gate: std::sync::RwLockReadGuard<'s, ()>,
 }
 
 impl<'s> ReadView<'s> {
-    pub(super) fn new(txn: RoTxn<'s, WithoutTls>, dbs: &'s Dbs) -> ReadView<'s> {
-        ReadView { txn, dbs }
+    pub(super) fn new(
+        txn: RoTxn<'s, WithoutTls>,
+        dbs: &'s Dbs,
+        gate: std::sync::RwLockReadGuard<'s, ()>,
+    ) -> ReadView<'s> {
+        ReadView {
+            txn,
+            dbs,
+            _gate: gate,
+        }
     }
 
     pub(super) fn txn(&self) -> &RoTxn<'s, WithoutTls> {
@@ -33,28 +45,34 @@ impl<'s> ReadView<'s> {
         self.dbs
     }
 
-    /// The account named `name`, if any.
+    /// The account named `name`, if any: compared in NFC and ignoring case
+    /// (`names::user_key`). The record holds the name as stored (in its own case), so
+    /// every answer spells a user one way.
     pub fn user_by_name(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
-        // No stored name is empty or over the limit, and LMDB rejects an empty key with an
-        // error, so answer "no such user" without asking it.
-        if name.is_empty() || name.len() > USER_NAME_SIZE_MAX {
+        // No stored name breaks the rules (empty, over the limit, outer whitespace), and
+        // LMDB rejects an empty key with an error, so answer "no such user" without
+        // asking it.
+        let Ok(name) = crate::names::normalize(name, USER_NAME_SIZE_MAX) else {
             return Ok(None);
-        }
+        };
         let value = self
             .dbs
             .users
-            .get(&self.txn, name.as_bytes())
+            .get(&self.txn, crate::names::user_key(&name).as_bytes())
             .map_err(StoreError::lmdb("read user"))?;
         let Some(value) = value else { return Ok(None) };
         if value.len() < 8 {
             return Err(StoreError::Corrupt("user value length"));
         }
-        let id = schema::decode_u64(&value[..8], "user value length")?;
+        let id = UserId(schema::decode_u64(&value[..8], "user value length")?);
         let password_hash = std::str::from_utf8(&value[8..])
             .map_err(|_| StoreError::Corrupt("password hash is not UTF-8"))?;
+        let name = self
+            .user_name(id)?
+            .ok_or(StoreError::Corrupt("user without a name"))?;
         Ok(Some(UserRecord {
-            id: UserId(id),
-            name: name.to_owned(),
+            id,
+            name,
             password_hash: password_hash.to_owned(),
         }))
     }

@@ -28,13 +28,18 @@ fn message_origin(bytes: &[u8]) -> Result<Option<(UserId, u64)>, StoreError> {
             &bytes[protocol::RECORD_MARKER.len()..],
         )
         .map_err(|_| StoreError::Corrupt("stored record"))?;
-        if record.kind.to_native() != record_kind::GROUP_MESSAGE {
-            return Ok(None);
-        }
-        return Ok(Some((
-            UserId(record.from_id.to_native()),
-            record.conv.to_native(),
-        )));
+        let from = record.from_id.to_native();
+        let conv = record.conv.to_native();
+        return Ok(match record.kind.to_native() {
+            record_kind::GROUP_MESSAGE => Some((UserId(from), conv)),
+            // A file message is a message too (a photo gets its ✓✓). A 1:1 one names the
+            // recipient in `conv`; the recipient names the conversation by the sender.
+            record_kind::FILE_MESSAGE if protocol::conv_group(conv).is_some() => {
+                Some((UserId(from), conv))
+            }
+            record_kind::FILE_MESSAGE => Some((UserId(from), from)),
+            _ => None,
+        });
     }
     let message = rkyv::access::<ArchivedMessage, rkyv::rancor::Failure>(bytes)
         .map_err(|_| StoreError::Corrupt("stored message"))?;

@@ -57,12 +57,10 @@ use crate::limits::DEVICE_NAME_SIZE_MAX;
 pub(crate) type Db = heed::Database<'static, Bytes, Bytes>;
 
 /// Version of the layout above. A store written by another layout is refused at open
-/// rather than misread.
+/// rather than misread. 2: the `journal` table (entries are logged first and the derived
+/// tables applied later), and a stored `FILE_MESSAGE` record's attachment carries the file's
+/// SHA-256 (so version-1 records cannot be read as they are).
 pub(crate) const SCHEMA_VERSION: u64 = 2;
-
-/// Version 1 had no `journal`: every derived row was written with its entry. Such a store
-/// opens as version 2 with an empty journal.
-const SCHEMA_VERSION_NO_JOURNAL: u64 = 1;
 
 /// Named databases in the schema; `max_dbs` of the environment.
 pub(crate) const DATABASES_MAX: u32 = 24;
@@ -114,9 +112,6 @@ pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
             match meta.get(wtxn, META_SCHEMA_VERSION)? {
                 None => meta.put(wtxn, META_SCHEMA_VERSION, &SCHEMA_VERSION.to_be_bytes())?,
                 Some(v) if v == SCHEMA_VERSION.to_be_bytes() => {}
-                Some(v) if v == SCHEMA_VERSION_NO_JOURNAL.to_be_bytes() => {
-                    meta.put(wtxn, META_SCHEMA_VERSION, &SCHEMA_VERSION.to_be_bytes())?
-                }
                 Some(_) => return Ok(CommitOrAbort::Abort(StoreError::Corrupt("schema version"))),
             }
             Ok(CommitOrAbort::Commit((

@@ -112,6 +112,9 @@ pub enum WriteOp {
     /// (`OpResult::Flushed`) sees every entry committed before this op was taken. A shard
     /// sends it before a read of derived state for a user with unapplied entries.
     Flush { origin: Origin },
+    /// A logout, password change or device revoke (`storage::account`). Answered with
+    /// `Reply::Revoked`.
+    Account(Box<super::account::AccountOp>),
 }
 
 /// The fields of `WriteOp::FileSend`.
@@ -139,6 +142,7 @@ pub enum Reply {
     Group(GroupInfo),
     Read(ReadOk),
     File(FileInfo),
+    Revoked(super::account::Revoked),
 }
 
 /// The outcome of one `WriteOp::Send`.
@@ -630,6 +634,7 @@ fn op_origin(op: &WriteOp) -> Option<Origin> {
         | WriteOp::FileCommit { origin, .. }
         | WriteOp::Flush { origin } => Some(*origin),
         WriteOp::FileSend(op) => Some(op.origin),
+        WriteOp::Account(op) => Some(op.origin),
         WriteOp::DeviceAck { .. } => None,
     }
 }

@@ -276,6 +276,60 @@ impl RawConn {
         }
     }
 
+    /// Connects from the loopback address `source` (e.g. 127.0.0.2), so the node sees
+    /// another source address.
+    pub fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawConn {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .expect("socket");
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .expect("bind source address");
+        socket.connect(&addr.into()).expect("connect");
+        let stream: std::net::TcpStream = socket.into();
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            reader: tern::protocol::FrameReader::new(),
+            frames: Default::default(),
+            closed: false,
+        }
+    }
+
+    /// Hello, then a login; returns `LoginOk` or the refusal's (code, message).
+    pub fn try_login(
+        &mut self,
+        user: &str,
+        device: &str,
+        credential: tern::protocol::Credential,
+    ) -> Result<tern::protocol::LoginOk, (u16, String)> {
+        use tern::protocol::*;
+        self.hello();
+        let login = Login {
+            user: user.into(),
+            device: device.into(),
+            credential,
+        };
+        self.send(Kind::Login, 2, &login);
+        let (h, p) = self
+            .read_frame(Duration::from_secs(20))
+            .expect("login answer");
+        match h.kind {
+            Kind::LoginOk => {
+                let ok = access::<ArchivedLoginOk>(Kind::LoginOk, &p).unwrap();
+                Ok(rkyv::deserialize::<LoginOk, rkyv::rancor::Error>(ok).unwrap())
+            }
+            Kind::Error => {
+                let e = access::<ArchivedErrorBody>(Kind::Error, &p).unwrap();
+                Err((e.code.to_native(), e.message.as_str().to_owned()))
+            }
+            other => panic!("unexpected answer to a login: {other:?}"),
+        }
+    }
+
     pub fn write_bytes(&mut self, bytes: &[u8]) {
         use std::io::Write;
         // The node may have closed already; the test looks at what it read back.
