@@ -416,12 +416,27 @@ fn create_groups(spec: &WorkerSpec, tokens: &Option<Arc<Vec<String>>>) -> Result
     let blocks = group_blocks(spec.user_lo, spec.user_hi, k);
     let threads = (spec.threads.max(1) as usize).min(blocks.len().max(1));
     let name = |user: u32| format!("{}{}", spec.args.user_prefix, user);
+    let setup_key = match &spec.token_dir {
+        Some(dir) if tokens.is_some() => Some(
+            tern::auth::TokenKey::load_or_create(dir)
+                .map_err(|e| format!("read node secret in {}: {e}", dir.display()))?,
+        ),
+        _ => None,
+    };
     let create = |block: usize| -> Result<u64, String> {
         let (first, end) = blocks[block];
         let mut config = ClientConfig::new(name(first), GROUP_SETUP_DEVICE);
-        config = match tokens {
-            Some(tokens) => config.with_token(tokens[(first - spec.user_lo) as usize].clone()),
-            None => config.with_password(spec.args.password.clone()),
+        // Tokens are bound to their device: the setup device gets one of its own.
+        config = match (tokens, &setup_key, &spec.user_ids) {
+            (Some(_), Some(key), Some(ids)) => {
+                let claims = tern::auth::TokenClaims {
+                    user: tern::ids::UserId(ids[(first - spec.user_lo) as usize]),
+                    user_generation: 0,
+                    device_generation: 0,
+                };
+                config.with_token(key.issue(claims, GROUP_SETUP_DEVICE, unix_ms()).0)
+            }
+            _ => config.with_password(spec.args.password.clone()),
         };
         config.client_name = "tern-loadgen".into();
         let mut client =
