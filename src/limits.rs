@@ -131,6 +131,12 @@ pub const SHARD_MAILBOX_MAX: usize = 64 * 1024;
 /// address space beside heap and stacks.
 pub const MAP_SIZE_DEFAULT_64: usize = 8 << 30;
 pub const MAP_SIZE_DEFAULT_32: usize = 768 << 20;
+/// Longest a thread waits for every transaction of the node to end before adopting a map
+/// size another process grew (`Store::adopt_map_size`, on `MDB_MAP_RESIZED`).
+/// Transactions last one request or one commit, so this is rarely more than a few ms, and
+/// it happens once per resize; past it the request fails (`storage_failed`) and the next
+/// one tries again.
+pub const MAP_RESIZE_WAIT_MS: u64 = 200;
 /// LMDB reader slots: one per shard thread plus CLI processes reading concurrently.
 pub const MAP_READERS_MAX: u32 = 256;
 

@@ -276,8 +276,22 @@ impl Shard {
     /// address must wait (then a `throttled` answer is held) or the queue is full (`busy`).
     pub(super) fn check_password(&mut self, check: PasswordCheck) {
         let (conn_id, request_id) = (check.conn, check.request_id);
+        let Some(conn) = self.conn_mut(conn_id) else {
+            return;
+        };
+        if conn.is_closing() {
+            // A request pipelined behind one that already failed.
+            return;
+        }
+        // A login waits in the session, one per connection; a password change comes from
+        // an established connection that could pipeline many, so it is never held.
+        let holdable = conn.is_logging_in();
         let address = self.peer(conn_id);
         let wait_ms = self.ctx.throttle.wait_ms(check.account, address);
+        if wait_ms > 0 && !holdable {
+            let message = format!("too many failed logins; retry in {wait_ms} ms");
+            return self.refuse_login(conn_id, request_id, ErrorCode::Throttled, &message);
+        }
         if wait_ms > 0 {
             // Answered later, so a guessing loop cannot spin on quick refusals. The
             // connection stays in the table of those waiting to log in meanwhile.

@@ -202,6 +202,14 @@ fn publish(temp: &Path, blob: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Removes an upload whose content is stored already, with the fsyncs `publish` does.
+fn discard_like_publish(temp: &Path) -> std::io::Result<()> {
+    std::fs::File::open(temp)?.sync_all()?;
+    std::fs::remove_file(temp)?;
+    let dir = temp.parent().expect("upload paths have a folder");
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// A `WriteOp::FileCommit`.
 pub(super) struct FileCommitFields<'a> {
     pub origin: Origin,
@@ -272,7 +280,9 @@ pub(super) fn apply_file_commit(
         return Ok(());
     }
     if blob.exists() {
-        let _ = std::fs::remove_file(&temp);
+        // The same disk work as publishing (fsync the bytes, change the folder, fsync it),
+        // so how long a finish takes does not tell whether the content was stored before.
+        discard_like_publish(&temp).map_err(io("discard duplicate upload"))?;
     } else {
         publish(&temp, &blob).map_err(io("publish file"))?;
     }

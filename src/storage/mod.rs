@@ -43,7 +43,7 @@ pub use writer::{
 };
 
 use crate::ids::UserId;
-use crate::limits::{MAP_READERS_MAX, USER_NAME_SIZE_MAX};
+use crate::limits::{MAP_READERS_MAX, MAP_RESIZE_WAIT_MS, USER_NAME_SIZE_MAX};
 use schema::{Dbs, META_NEXT_USER_ID};
 
 /// Whether a commit waits for the disk.
@@ -80,11 +80,6 @@ impl Default for StoreConfig {
         }
     }
 }
-
-/// Longest a thread waits for every transaction of the process to end before adopting a
-/// map size another process grew (`Store::adopt_map_size`). Transactions last one request
-/// or one commit, so this is rarely more than a few ms; it happens once per resize.
-const MAP_RESIZE_WAIT_MS: u64 = 200;
 
 /// A 32-bit process must fit the whole map in its 3 GiB address space.
 #[cfg(target_pointer_width = "64")]
