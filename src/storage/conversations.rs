@@ -116,28 +116,30 @@ pub(super) enum NoteKind {
     Membership,
 }
 
-/// Records that entry `seq` of `user`'s timeline belongs to conversation `conv`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn note(
+/// One timeline entry of a conversation, as `note_run` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Noted {
+    pub seq: u64,
+    pub msg_id: u64,
+    pub from: UserId,
+    pub at_ms: u64,
+    pub kind: NoteKind,
+}
+
+/// Records that `entries` (in increasing seq, all above the conversation's last seq) of
+/// `user`'s timeline belong to conversation `conv`: one `conv_entries` row each, and the
+/// conversation's state and place in the activity order moved once for all of them, as
+/// if each had been noted in turn.
+pub(super) fn note_run(
     txn: &mut RwTxn,
     dbs: &Dbs,
     user: UserId,
     conv: u64,
-    seq: u64,
-    msg_id: u64,
-    from: UserId,
-    at_ms: u64,
-    kind: NoteKind,
+    entries: &[Noted],
 ) -> Result<(), StoreError> {
-    let own = from == user;
-    let entry = ConvEntry {
-        msg_id,
-        from_id: from.0,
-        counts_unread: kind == NoteKind::Message && !own,
+    let Some(last) = entries.last() else {
+        return Ok(());
     };
-    dbs.conv_entries
-        .put(txn, &schema::triple_key(user.0, conv, seq), &entry.encode())
-        .map_err(StoreError::lmdb("write conversation entry"))?;
     let key = schema::pair_key(user.0, conv);
     let old = match dbs
         .convs
@@ -148,28 +150,47 @@ pub(super) fn note(
         None => None,
     };
     let mut state = old.unwrap_or_default();
-    if let Some(old) = old {
+    for noted in entries {
         // Entries only append, so the conversation's last seq only grows.
-        debug_assert!(old.last_seq < seq);
+        debug_assert!(state.last_seq < noted.seq);
+        let entry = ConvEntry {
+            msg_id: noted.msg_id,
+            from_id: noted.from.0,
+            counts_unread: noted.kind == NoteKind::Message && noted.from != user,
+        };
+        dbs.conv_entries
+            .put(
+                txn,
+                &schema::triple_key(user.0, conv, noted.seq),
+                &entry.encode(),
+            )
+            .map_err(StoreError::lmdb("write conversation entry"))?;
+        state.last_seq = noted.seq;
+        state.last_msg_id = noted.msg_id;
+        state.last_at_ms = noted.at_ms;
+        if entry.counts_unread {
+            state.unread += 1;
+        } else if noted.kind == NoteKind::Message {
+            // Writing in a conversation means having read it.
+            state.read_seq = noted.seq;
+            state.unread = 0;
+        }
+    }
+    debug_assert_eq!(state.last_seq, last.seq);
+    if let Some(old) = old {
         dbs.conv_recent
             .delete(txn, &schema::pair_key(user.0, old.last_seq))
             .map_err(StoreError::lmdb("delete conversation order"))?;
-    }
-    state.last_seq = seq;
-    state.last_msg_id = msg_id;
-    state.last_at_ms = at_ms;
-    if entry.counts_unread {
-        state.unread += 1;
-    } else if kind == NoteKind::Message {
-        // Writing in a conversation means having read it.
-        state.read_seq = seq;
-        state.unread = 0;
     }
     dbs.convs
         .put(txn, &key, &state.encode())
         .map_err(StoreError::lmdb("write conversation"))?;
     dbs.conv_recent
-        .put(txn, &schema::pair_key(user.0, seq), &conv.to_be_bytes())
+        .put(
+            txn,
+            &schema::pair_key(user.0, last.seq),
+            &conv.to_be_bytes(),
+        )
         .map_err(StoreError::lmdb("write conversation order"))
 }
 

@@ -32,7 +32,7 @@ use std::time::Instant;
 use heed::{PutFlags, RoTxn, RwTxn};
 
 use super::apply::{apply_device_ack, put_new};
-use super::conversations::{self, NoteKind};
+use super::conversations::{self, NoteKind, Noted};
 use super::receipts;
 use super::schema::{self, Dbs, DedupEntry};
 use super::writer::Delivery;
@@ -468,10 +468,14 @@ fn apply_logged(txn: &mut RwTxn, dbs: &Dbs) -> Result<(), StoreError> {
     // One user's rows together and in seq order: each leaf page is rewritten once, and the
     // contiguity check below needs seq order.
     rows.sort_unstable_by_key(|(p, ..)| (p.user, p.seq));
+    // One user's entries per conversation, in seq order: each conversation's state and
+    // activity order move once per apply.
+    let mut noted: Vec<(u64, Noted)> = Vec::new();
     let mut index = 0;
     while index < rows.len() {
         let user = rows[index].0.user;
         let mut head = schema::head(txn, dbs, user)?;
+        noted.clear();
         while index < rows.len() && rows[index].0.user == user {
             let (p, msg_id, from, at_ms) = rows[index];
             // Invariant: a timeline holds exactly seqs 1..=head, and the journal continues
@@ -489,7 +493,14 @@ fn apply_logged(txn: &mut RwTxn, dbs: &Dbs) -> Result<(), StoreError> {
                 "timeline entry past head",
             )?;
             if let Some((conv, kind)) = p.conv {
-                conversations::note(txn, dbs, user, conv, p.seq, msg_id, from, at_ms, kind)?;
+                let entry = Noted {
+                    seq: p.seq,
+                    msg_id,
+                    from,
+                    at_ms,
+                    kind,
+                };
+                noted.push((conv, entry));
             }
             head = p.seq;
             index += 1;
@@ -497,6 +508,12 @@ fn apply_logged(txn: &mut RwTxn, dbs: &Dbs) -> Result<(), StoreError> {
         dbs.heads
             .put(txn, &schema::user_key(user), &head.to_be_bytes())
             .map_err(StoreError::lmdb("write head"))?;
+        // Stable: within a conversation the entries stay in seq order.
+        noted.sort_by_key(|(conv, _)| *conv);
+        for run in noted.chunk_by(|a, b| a.0 == b.0) {
+            let entries: Vec<Noted> = run.iter().map(|(_, n)| *n).collect();
+            conversations::note_run(txn, dbs, user, run[0].0, &entries)?;
+        }
     }
     dedups.sort_unstable_by_key(|(key, _)| *key);
     for (key, first) in dedups {

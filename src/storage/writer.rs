@@ -311,29 +311,7 @@ pub fn apply_batch(
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
-    for op in ops.iter() {
-        apply::check(op)?;
-    }
-    let mut journal = Journal::new(store.pending_users());
-    journal.reload(store)?;
-    let counters = store.writer_counters();
-    let applied = apply::in_one_txn(
-        store,
-        &mut journal,
-        ApplyJournal::AtEnd,
-        ops,
-        results,
-        deliveries,
-    )?;
-    counters.commits.fetch_add(1, Ordering::Relaxed);
-    if applied {
-        counters.applies.fetch_add(1, Ordering::Relaxed);
-        counters
-            .placements_applied
-            .fetch_add(journal.placements() as u64, Ordering::Relaxed);
-        journal.applied();
-    }
-    Ok(())
+    batch_on_this_thread(store, ApplyJournal::AtEnd, ops, results, deliveries)
 }
 
 /// Logs `ops` in one write transaction and commits it without applying the journal, as the
@@ -346,23 +324,31 @@ pub fn log_batch(
     results: &mut Vec<OpResult>,
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
+    batch_on_this_thread(store, ApplyJournal::WhenNeeded, ops, results, deliveries)
+}
+
+/// One batch in one transaction on the calling thread, with the journal's memory rebuilt
+/// from the store first (`apply_batch`, `log_batch`).
+fn batch_on_this_thread(
+    store: &Store,
+    when: ApplyJournal,
+    ops: &mut [WriteOp],
+    results: &mut Vec<OpResult>,
+    deliveries: &mut Vec<Delivery>,
+) -> Result<(), StoreError> {
     for op in ops.iter() {
         apply::check(op)?;
     }
     let mut journal = Journal::new(store.pending_users());
     journal.reload(store)?;
     let counters = store.writer_counters();
-    let applied = apply::in_one_txn(
-        store,
-        &mut journal,
-        ApplyJournal::WhenNeeded,
-        ops,
-        results,
-        deliveries,
-    )?;
+    let applied = apply::in_one_txn(store, &mut journal, when, ops, results, deliveries)?;
     counters.commits.fetch_add(1, Ordering::Relaxed);
     if applied {
         counters.applies.fetch_add(1, Ordering::Relaxed);
+        counters
+            .placements_applied
+            .fetch_add(journal.placements() as u64, Ordering::Relaxed);
         journal.applied();
     }
     Ok(())
