@@ -267,52 +267,45 @@ impl Shard {
     }
 
     fn handle_request(&mut self, conn_id: ConnId, request: Request, now_ms: u64) {
-        if self.park_until_applied(conn_id, &request) {
-            self.parked
-                .insert((conn_id, request_id_of(&request)), request);
-            return;
+        if let Some(request) = self.park_until_applied(conn_id, request) {
+            self.dispatch(conn_id, request, now_ms);
         }
-        self.dispatch(conn_id, request, now_ms);
     }
 
     /// A read of the user's timeline, history or conversation list while the writer has
     /// entries of that user that the derived tables do not show yet: asks the writer to
-    /// apply them (`WriteOp::Flush`) and returns true; the request runs when the answer
-    /// comes (`run_parked`). A full queue answers `busy` (and returns true): a read from
-    /// a view that lacks acknowledged entries would tell a device it is up to date.
-    fn park_until_applied(&mut self, conn_id: ConnId, request: &Request) -> bool {
+    /// apply them (`WriteOp::Flush`) and keeps the request in `parked` until the answer
+    /// comes (`run_parked`). Returns the request back when it can run now. A full queue
+    /// answers `busy` and drops the request: a read from a view that lacks acknowledged
+    /// entries would tell a device it is up to date.
+    fn park_until_applied(&mut self, conn_id: ConnId, request: Request) -> Option<Request> {
         if !matches!(
             request,
             Request::Sync { .. } | Request::History { .. } | Request::Conversations { .. }
         ) {
-            return false;
+            return Some(request);
         }
         let Some(user) = self
             .conn_mut(conn_id)
             .and_then(|c| c.identity().map(|i| i.user))
         else {
-            return false;
+            return Some(request);
         };
         if !self.ctx.store.derived_pending(user) {
-            return false;
+            return Some(request);
         }
-        let request_id = request_id_of(request);
+        let request_id = request_id_of(&request);
         let origin = Origin {
             shard: self.id,
             conn: conn_id,
             request_id,
         };
-        // Parked only if the flush was queued; `submit` answers the refusal itself.
-        let inflight_before = self.conn_mut(conn_id).map_or(0, |c| c.inflight);
-        self.submit(conn_id, request_id, WriteOp::Flush { origin });
-        let queued = self
-            .conn_mut(conn_id)
-            .is_some_and(|c| c.inflight > inflight_before);
-        if !queued {
-            return true;
+        // `submit` answers a refusal itself.
+        if self.submit(conn_id, request_id, WriteOp::Flush { origin }) {
+            self.stats.reads_parked += 1;
+            self.parked.insert((conn_id, request_id), request);
         }
-        self.stats.reads_parked += 1;
-        true
+        None
     }
 
     /// The writer applied the journal for a parked read: carry it out now. The user may have

@@ -71,22 +71,27 @@ impl Shard {
     }
 
     /// Hands `op` to the writer, counting it against the connection's in-flight bound.
-    pub(super) fn submit(&mut self, conn_id: ConnId, request_id: u32, op: WriteOp) {
+    /// Returns whether it was queued; if not, the refusal was answered.
+    pub(super) fn submit(&mut self, conn_id: ConnId, request_id: u32, op: WriteOp) -> bool {
         let Some(conn) = self.conn_mut(conn_id) else {
-            return;
+            return false;
         };
         if conn.inflight >= CONNECTION_INFLIGHT_MAX {
             conn.reply_error(request_id, ErrorCode::Busy, "too many requests in flight");
             self.mark_dirty(conn_id);
-            return;
+            return false;
         }
         let submitted = self.hand_to_writer(op);
         let conn = self.conn_mut(conn_id).expect("looked up above");
         match submitted {
-            Ok(()) => conn.inflight += 1,
+            Ok(()) => {
+                conn.inflight += 1;
+                true
+            }
             Err(_) => {
                 conn.reply_error(request_id, ErrorCode::Busy, "store queue full; retry later");
                 self.mark_dirty(conn_id);
+                false
             }
         }
     }
