@@ -409,11 +409,9 @@ impl Journal {
             }
         }
         self.dirty = any || !self.acks.is_empty();
-        if self.dirty {
-            self.oldest.get_or_insert_with(Instant::now);
-        } else {
-            self.oldest = None;
-        }
+        // A failed transaction restarts the interval: an apply that cannot commit (a full
+        // map) is retried an interval later, not in a loop.
+        self.oldest = self.dirty.then(Instant::now);
         Ok(())
     }
 
