@@ -18,14 +18,17 @@ pub enum DeviceCommand {
     Revoke {
         #[command(flatten)]
         account: Account,
-        device: String,
+        /// The device to revoke (its name, as `tern device list` shows it). Not `--device`,
+        /// which names the device this command logs in as.
+        #[arg(value_name = "DEVICE")]
+        target: String,
     },
 }
 
 pub fn device(command: DeviceCommand) -> Result<(), String> {
     let (account, revoke) = match &command {
         DeviceCommand::List { account } => (account, None),
-        DeviceCommand::Revoke { account, device } => (account, Some(device.as_str())),
+        DeviceCommand::Revoke { account, target } => (account, Some(target.as_str())),
     };
     let mut client = connect(account)?;
     let devices = client.devices(revoke);

@@ -466,6 +466,13 @@ pub fn download(login: &Account, file_id: u64, out: &std::path::Path) -> Result<
             }
             Err(e) => {
                 client.close();
+                // Refused before a byte of this file arrived: leave no partial file behind
+                // (one with bytes stays, for a later run to resume).
+                if expected.is_none() && offset == 0 {
+                    drop(file);
+                    let _ = std::fs::remove_file(&part);
+                    let _ = std::fs::remove_file(&marker);
+                }
                 return Err(describe(login.server, e));
             }
         };

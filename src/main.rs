@@ -516,3 +516,45 @@ fn user_add_bulk(
 mod cli_account;
 mod cli_client;
 mod cli_team;
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are consistent (unique names, valid defaults): clap
+    /// checks this only when a command is built, so a clash would otherwise surface as a
+    /// panic or a usage error the first time someone runs that subcommand.
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn device_revoke_takes_the_device_to_revoke_beside_the_login_device() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from([
+            "tern",
+            "device",
+            "revoke",
+            "--user",
+            "alice",
+            "--password",
+            "pw",
+            "phone",
+        ]);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+        let cli = super::Cli::try_parse_from([
+            "tern",
+            "device",
+            "revoke",
+            "--user",
+            "alice",
+            "--password",
+            "pw",
+            "--device",
+            "laptop",
+            "phone",
+        ]);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+    }
+}

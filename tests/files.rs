@@ -374,6 +374,14 @@ fn downloads_resume_only_their_own_bytes_and_are_verified(io: Io) {
     );
     assert_eq!(std::fs::read(&bad).unwrap(), data);
 
+    // A refused download (no such file) leaves no file behind, partial or not.
+    let refused = dir.path().join("refused.txt");
+    let run = tern_download(&node, info.file_id + 100, &refused);
+    assert!(!run.status.success(), "a missing file must fail");
+    assert!(!refused.exists());
+    assert!(!dir.path().join("refused.txt.part").exists());
+    assert!(!dir.path().join("refused.txt.part.id").exists());
+
     // The SDK checks too: bytes that are not a prefix of the file fail and are dropped.
     let mut bob = device(&node, "bob", "phone");
     let mut held = b"X".to_vec();
