@@ -16,7 +16,7 @@ use crate::hist::{Hists, Metric, Summary, summary};
 use crate::meter::NodeMeter;
 use crate::node::{SpawnedNode, find_tern};
 use crate::spec::{Pattern, RunArgs, WorkerSpec, parse_size, parse_source_ips, partition};
-use crate::sys::{ProcSample, dir_size_bytes, proc_sample, self_sample};
+use crate::sys::{ProcSample, Rng, dir_size_bytes, proc_sample, self_sample};
 use crate::worker::{Counts, Tick, WorkerMsg, WorkerResult, run_process};
 
 /// What a run produced.
@@ -98,6 +98,16 @@ fn validate(args: &RunArgs) -> Result<(), String> {
     if args.chaos_restart_at.is_some() && !args.spawn {
         return Err("--chaos-restart-at needs --spawn".into());
     }
+    if let Some(every) = args.chaos_every {
+        if !args.spawn {
+            return Err("--chaos-every needs --spawn".into());
+        }
+        if every.is_nan() || every < CHAOS_EVERY_MIN_SECONDS {
+            return Err(format!(
+                "--chaos-every must be at least {CHAOS_EVERY_MIN_SECONDS} s"
+            ));
+        }
+    }
     if !args.spawn && args.server.is_none() {
         return Err("give --server ADDR or --spawn".into());
     }
@@ -105,6 +115,36 @@ fn validate(args: &RunArgs) -> Result<(), String> {
         return Err("--durability is fsync or none".into());
     }
     Ok(())
+}
+
+/// Shortest mean wait of `--chaos-every`: a node needs a moment after its ready line to
+/// take logins, or the loop would only ever kill it while clients are still reconnecting.
+const CHAOS_EVERY_MIN_SECONDS: f64 = 0.5;
+/// Mixed into --seed for the kill loop's waits, so they do not repeat the workers' draws.
+const CHAOS_SEED_SALT: u64 = 0x6b69_6c6c_6c6f_6f70;
+
+/// When to SIGKILL the spawned node, from the start of the run. `--chaos-every SECS`:
+/// waits drawn from [SECS/2, 3·SECS/2) by --seed, as many as fit before sending stops, so
+/// the number of kills follows from the arguments alone and the run ends on a node that
+/// had time to settle. A kill whose moment passes while the node is still restarting
+/// happens as soon as it is back.
+fn chaos_plan(args: &RunArgs) -> Vec<Duration> {
+    if let Some(at) = args.chaos_restart_at {
+        return vec![Duration::from_secs_f64(at)];
+    }
+    let Some(every) = args.chaos_every else {
+        return Vec::new();
+    };
+    let mut rng = Rng::new(args.seed ^ CHAOS_SEED_SALT);
+    let mut plan = Vec::new();
+    let mut at = 0.0;
+    loop {
+        at += every * (0.5 + rng.unit());
+        if at >= args.duration {
+            return plan;
+        }
+        plan.push(Duration::from_secs_f64(at));
+    }
 }
 
 pub fn run(args: &RunArgs) -> Result<RunOutcome, String> {
@@ -307,9 +347,11 @@ fn run_with_node(
     let mut store_samples: Vec<Option<u64>> = Vec::new();
     let store_bytes_start = data_dir.and_then(dir_size_bytes);
     let mut next_sample = started + Duration::from_secs(1);
-    let mut chaos_at = args
-        .chaos_restart_at
-        .map(|s| started + Duration::from_secs_f64(s));
+    let chaos_plan: Vec<Instant> = chaos_plan(args)
+        .into_iter()
+        .map(|at| started + at)
+        .collect();
+    let mut chaos_next = 0;
     let mut chaos_error = None;
     let mut totals = Counts::default();
     let mut last_node: Option<ProcSample> = node_start;
@@ -355,10 +397,10 @@ fn run_with_node(
             let rss = me.rss_bytes + workers.iter().map(|s| s.rss_bytes).sum::<u64>();
             loadgen_rss_peak = loadgen_rss_peak.max(rss);
         }
-        if let Some(at) = chaos_at
-            && now >= at
+        if let Some(at) = chaos_plan.get(chaos_next)
+            && now >= *at
         {
-            chaos_at = None;
+            chaos_next += 1;
             if let Some(spawned) = node.as_mut() {
                 node_cpu_base = last_node.map_or(0.0, |s| s.cpu_seconds);
                 if !args.quiet {
@@ -462,6 +504,14 @@ fn run_with_node(
     if let Some(e) = chaos_error {
         failures.push(e);
     }
+    let restarts = node.as_ref().map_or(0, |n| n.restarts);
+    if restarts as usize != chaos_plan.len() {
+        // A kill that did not happen proves nothing: fail rather than pass on fewer.
+        failures.push(format!(
+            "chaos: {restarts} of {} planned kills happened",
+            chaos_plan.len()
+        ));
+    }
     let own_cpu = self_sample().map_or(0.0, |s| s.cpu_seconds) - own_cpu_start;
     // One process: the workers' threads are this process's. Several: their own totals.
     let loadgen_cpu = if processes == 1 {
@@ -551,7 +601,8 @@ fn run_with_node(
             .collect::<serde_json::Map<String, Value>>(),
         "server": {
             "pid": node_pid,
-            "restarts": node.as_ref().map_or(0, |n| n.restarts),
+            "restarts": restarts,
+            "kills_planned": chaos_plan.len(),
             "rss_bytes": {
                 "start": node_start.map(|s| s.rss_bytes),
                 "peak": rss_peak,
@@ -792,12 +843,13 @@ fn human_summary(r: &Value) -> String {
         out.push_str(&format!("latency     {}\n", lat(name)));
     }
     out.push_str(&format!(
-        "node        rss start {}, peak {}, end {}; cpu {:.2} s; restarts {}\n",
+        "node        rss start {}, peak {}, end {}; cpu {:.2} s; restarts {} ({} kills planned)\n",
         mib("server.rss_bytes.start"),
         mib("server.rss_bytes.peak"),
         mib("server.rss_bytes.end"),
         num("server.cpu_seconds"),
         int("server.restarts"),
+        int("server.kills_planned"),
     ));
     let bytes = |path: &str| {
         g(path)

@@ -41,8 +41,14 @@ pub struct RunArgs {
     pub node_pid: Option<u32>,
     /// With --spawn: SIGKILL the node this many seconds into the run and restart it on the
     /// same data folder and port. The run must still lose no acknowledged message.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "chaos_every")]
     pub chaos_restart_at: Option<f64>,
+    /// With --spawn: the kill loop. SIGKILL the node again and again while sending lasts,
+    /// each wait drawn from [SECS/2, 3·SECS/2) by --seed so kills land at every point of
+    /// the node's work, and restart it on the same data folder and port each time. The run
+    /// must still lose and duplicate nothing.
+    #[arg(long)]
+    pub chaos_every: Option<f64>,
 
     /// Simulated devices (connections). Rounded up to whole users of --devices each.
     #[arg(long, default_value_t = 100)]

@@ -413,3 +413,48 @@ fn capacity_search_steps_the_client_count_and_reports_every_step() {
     assert_eq!(report["best"].as_f64(), Some(80.0));
     assert!(page.contains("capacity search") && page.contains("<svg"));
 }
+
+/// The kill loop's short form: the node SIGKILLed and restarted again and again under
+/// group sends, flapping clients and clients going to the background. The kills follow
+/// from --seed, so their number is known before the run and each one must have happened;
+/// every acknowledged message still reaches every device once, in order.
+#[test]
+fn a_node_killed_ten_times_loses_and_duplicates_nothing() {
+    let (output, report, _) = run_loadgen(&[
+        "--clients",
+        "40",
+        "--devices",
+        "2",
+        "--pattern",
+        "group:4",
+        "--rate",
+        "200",
+        "--flap",
+        "60",
+        "--background",
+        "0.2",
+        "--duration",
+        "8",
+        "--heartbeat",
+        "1",
+        "--chaos-every",
+        "0.7",
+        "--seed",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    let planned = int(&report, "server.kills_planned");
+    assert!(planned >= 10, "the seed plans {planned} kills");
+    assert_eq!(int(&report, "server.restarts"), planned);
+    let acked = int(&report, "messages.acked");
+    assert!(acked > 0);
+    assert_eq!(int(&report, "messages.sent"), acked);
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    assert_eq!(int(&report, "messages.out_of_order"), 0);
+    assert_eq!(int(&report, "verification.devices_unverified"), 0);
+    assert_eq!(
+        int(&report, "messages.delivered"),
+        int(&report, "messages.deliveries_expected")
+    );
+}

@@ -103,7 +103,13 @@ pub(super) fn in_one_txn(
                 user,
                 device,
                 up_to_seq,
-            } => journal.device_ack(*user, device, *up_to_seq),
+            } => {
+                // Clamped now, not when the journal is applied: entries logged after this
+                // ack were not on the device, and must not move its cursor or send
+                // delivery receipts for them.
+                let head = journal.head(&txn, dbs, *user)?;
+                journal.device_ack(*user, device, (*up_to_seq).min(head));
+            }
             WriteOp::GroupOp {
                 origin,
                 actor,

@@ -251,6 +251,15 @@ impl Journal {
         self.dirty
     }
 
+    /// `user`'s head seq, counting entries logged and not yet applied.
+    pub(super) fn head(&self, txn: &RoTxn, dbs: &Dbs, user: UserId) -> Result<u64, StoreError> {
+        match self.heads.get(&user) {
+            Some(head) => Ok(*head),
+            // No unapplied placement: the derived head is current.
+            None => schema::head(txn, dbs, user),
+        }
+    }
+
     /// Reserves the next seq of `user`'s timeline for `entry`.
     pub(super) fn place(
         &mut self,
@@ -260,12 +269,8 @@ impl Journal {
         user: UserId,
         conv: Option<(u64, NoteKind)>,
     ) -> Result<u64, StoreError> {
-        let head = match self.heads.get(&user) {
-            Some(head) => *head,
-            // No unapplied placement: the derived head is current.
-            None => schema::head(txn, dbs, user)?,
-        };
-        let seq = head
+        let seq = self
+            .head(txn, dbs, user)?
             .checked_add(1)
             .ok_or(StoreError::Corrupt("timeline seq exhausted"))?;
         self.heads.insert(user, seq);

@@ -1330,6 +1330,35 @@ fn device_acks_and_their_receipts_wait_for_the_apply() {
     h.finish();
 }
 
+/// Found by the `store_model` fuzz target: an ack past the head was clamped when the
+/// journal was applied, so entries logged between the ack and the apply moved the device's
+/// cursor and sent their senders delivery receipts the device never earned.
+#[test]
+fn a_device_ack_past_the_head_is_clamped_when_taken_not_when_applied() {
+    let mut h = Harness::deferred(deferred_config(), false);
+    h.send_acked(ALICE, BOB, 1, "seen");
+    h.submit_ack(BOB, "phone", 100);
+    // Logged after the ack, before any apply: not on the phone.
+    h.send_acked(CAROL, BOB, 1, "not seen");
+    h.flush();
+    let view = h.store.read().unwrap();
+    assert_eq!(view.device_acked_seq(BOB, "phone").unwrap(), 1);
+    drop(view);
+    // Receipts are the only records here.
+    let receipt_users: Vec<UserId> = h
+        .drain_deliveries()
+        .iter()
+        .filter(|d| crate::protocol::is_record(&d.message))
+        .map(|d| d.user)
+        .collect();
+    assert_eq!(
+        receipt_users,
+        vec![ALICE],
+        "only alice's message was delivered"
+    );
+    h.finish();
+}
+
 #[test]
 fn a_read_mark_applies_the_journal_first() {
     let mut h = Harness::deferred(deferred_config(), false);
