@@ -150,5 +150,9 @@ fn validate(kind: Kind, payload: &[u8]) {
         Kind::FileSend => drop(round_trip!(kind, payload, FileSend)),
         Kind::Download => drop(round_trip!(kind, payload, Download)),
         Kind::FileChunk => drop(round_trip!(kind, payload, FileChunk)),
+        Kind::Logout => drop(round_trip!(kind, payload, Logout)),
+        Kind::ChangePassword => drop(round_trip!(kind, payload, ChangePassword)),
+        Kind::Devices => drop(round_trip!(kind, payload, Devices)),
+        Kind::DevicesPage => drop(round_trip!(kind, payload, DevicesPage)),
     }
 }

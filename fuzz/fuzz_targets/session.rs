@@ -171,7 +171,10 @@ fn request_id(request: &Request) -> Option<u32> {
         | Request::UploadChunk { request_id, .. }
         | Request::UploadFinish { request_id, .. }
         | Request::FileSend { request_id, .. }
-        | Request::Download { request_id, .. } => *request_id,
+        | Request::Download { request_id, .. }
+        | Request::Logout { request_id, .. }
+        | Request::ChangePassword { request_id, .. }
+        | Request::Devices { request_id, .. } => *request_id,
         Request::DeviceAck { .. } => return None,
     })
 }
