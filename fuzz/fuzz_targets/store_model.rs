@@ -489,12 +489,14 @@ impl Model {
         for u in &remove {
             group.members.remove(u);
         }
-        let text = if kind == record_kind::GROUP_RENAMED {
-            name
-        } else {
-            ""
+        // A removal or leave carries the group's name as of that change (what a former
+        // member keeps seeing); a rename carries the new name.
+        let text = match kind {
+            record_kind::GROUP_RENAMED => name.to_owned(),
+            record_kind::MEMBERS_REMOVED | record_kind::MEMBER_LEFT => group.name.clone(),
+            _ => String::new(),
         };
-        let record = membership(kind, group_id, actor, subjects, text);
+        let record = membership(kind, group_id, actor, subjects, &text);
         let seq = self.fan_out(&audience, group_id, actor, record, Note::Membership);
         let seq = if remove.contains(&actor) { 0 } else { seq };
         self.group_expect(group_id, seq)
