@@ -323,12 +323,8 @@ impl Journal {
     /// Remembers that `device` of `user` stored every entry up to `up_to_seq`; applied (and
     /// its delivery receipts sent) with the journal.
     pub(crate) fn device_ack(&mut self, user: UserId, device: &str, up_to_seq: u64) {
-        match self.acks.get_mut(&(user, device.to_owned())) {
-            Some(seq) => *seq = (*seq).max(up_to_seq),
-            None => {
-                self.acks.insert((user, device.to_owned()), up_to_seq);
-            }
-        }
+        let seq = self.acks.entry((user, device.to_owned())).or_insert(0);
+        *seq = (*seq).max(up_to_seq);
         self.oldest.get_or_insert_with(Instant::now);
         self.dirty = true;
     }
