@@ -137,6 +137,17 @@ pub const MAP_SIZE_DEFAULT_32: usize = 768 << 20;
 /// it happens once per resize; past it the request fails (`storage_failed`) and the next
 /// one tries again.
 pub const MAP_RESIZE_WAIT_MS: u64 = 200;
+/// Disk space the store writer sets aside at start (`<data>/ballast`) and gives back when
+/// the disk fills, so the journal's apply, device acks and account changes still fit while
+/// new content is refused (`storage::ballast`). Disk only, never memory. An apply of
+/// `JOURNAL_PLACEMENTS_PENDING_MAX` placements over 2000 users grew the store by less than
+/// this (docs/architecture.md, "A full disk").
+pub const DISK_BALLAST_BYTES: u64 = 16 << 20;
+/// Free space beyond the ballast the file system must show before a full node accepts new
+/// content again, so it does not flap at the edge.
+pub const DISK_FREE_RESUME_BYTES: u64 = 16 << 20;
+/// How often a node with a full disk looks for freed space: one statvfs per interval.
+pub const DISK_FULL_CHECK_MS: u64 = 1_000;
 /// LMDB reader slots: one per shard thread plus CLI processes reading concurrently.
 pub const MAP_READERS_MAX: u32 = 256;
 

@@ -200,7 +200,7 @@ impl Shard {
                 return self.answer_error(
                     conn_id,
                     request_id,
-                    ErrorCode::StorageFailed,
+                    io_error_code(&e),
                     &format!("open upload: {e}"),
                 );
             }
@@ -266,10 +266,13 @@ impl Shard {
             );
         }
         if let Err(e) = upload.file.write_all(data) {
+            // A short write leaves part of the chunk behind; cut it off so that the upload
+            // resumes at the offset the client was told.
+            let _ = upload.file.set_len(upload.offset);
             return self.answer_error(
                 conn_id,
                 request_id,
-                ErrorCode::StorageFailed,
+                io_error_code(&e),
                 &format!("write upload: {e}"),
             );
         }
@@ -397,5 +400,14 @@ impl Shard {
             conn.reply(Kind::FileChunk, request_id, &chunk);
         }
         self.mark_dirty(conn_id);
+    }
+}
+
+/// `storage_full` for a file system without room (`ENOSPC`, `EDQUOT`): the client may retry
+/// once the operator made room; `storage_failed` for any other error.
+fn io_error_code(error: &std::io::Error) -> ErrorCode {
+    match error.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => ErrorCode::StorageFull,
+        _ => ErrorCode::StorageFailed,
     }
 }

@@ -559,6 +559,13 @@ impl Shard {
                         return;
                     }
                 };
+                // A failed flush is a parked read's: forget it whether or not the
+                // connection is still here.
+                let parked_read = outcome.is_err()
+                    && self
+                        .parked
+                        .remove(&(origin.conn, origin.request_id))
+                        .is_some();
                 let Some(conn) = self.conn_mut(origin.conn) else {
                     return;
                 };
@@ -566,6 +573,17 @@ impl Shard {
                 conn.inflight = conn.inflight.saturating_sub(1);
                 match outcome {
                     Ok(ack) => conn.reply_send_ack(origin.request_id, &ack),
+                    // The flush a parked read waited for failed (a full disk or map): the
+                    // derived tables may lack entries, so the read is refused, not served.
+                    Err(code) if parked_read => {
+                        let message = match code {
+                            ErrorCode::StorageFull => {
+                                "the node's store is full; this read needs a write first"
+                            }
+                            _ => "the store failed; this read needs a write first",
+                        };
+                        conn.reply_error(origin.request_id, code, message);
+                    }
                     Err(code) => {
                         let message = match code {
                             ErrorCode::StorageFull => {
@@ -827,8 +845,15 @@ fn waiting_for_login(slots: &[Slot], conn: ConnId) -> bool {
         .is_some_and(|slot| slot.generation == conn.generation && slot.preauth)
 }
 
+/// The answer to a request the store could not serve: `storage_full` when the map or the
+/// disk is full (the operator can make room), else `storage_failed`.
 fn storage_failed(e: crate::storage::StoreError) -> (ErrorCode, String) {
-    (ErrorCode::StorageFailed, e.to_string())
+    let code = if e.is_full() {
+        ErrorCode::StorageFull
+    } else {
+        ErrorCode::StorageFailed
+    };
+    (code, e.to_string())
 }
 
 /// Wall-clock milliseconds since the Unix epoch, for message times and token expiry.

@@ -251,7 +251,7 @@ pub(super) fn apply_file_commit(
     }
     let temp = upload_path(op.files_dir, op.owner, &op.sha256, op.size);
     let blob = blob_path(op.files_dir, &op.sha256);
-    let io = |op: &'static str| move |error| StoreError::Io { op, error };
+    let io = |op: &'static str| move |error| StoreError::from_io(op, error);
     // The uploader's own bytes are checked even when the content is stored already: a
     // file id is granted only for content its owner sent in full. The shared blob is
     // an internal saving, never a shortcut.

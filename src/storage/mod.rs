@@ -13,6 +13,7 @@
 
 mod account;
 mod apply;
+mod ballast;
 mod bulk;
 mod conversations;
 mod error;

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use super::apply::ApplyJournal;
+use super::ballast::Ballast;
 use super::journal::Journal;
 use super::{Store, StoreError, apply};
 use crate::ids::{ConnId, ShardId, UserId};
@@ -278,7 +279,10 @@ pub fn spawn_writer(
         .recover(&store)
         .map_err(|error| std::io::Error::other(format!("applying the store journal: {error}")))?;
     let (queue, ops) = crossbeam_channel::bounded(WRITER_QUEUE_MAX);
+    let data_dir = store.files_dir().parent().unwrap_or(store.files_dir());
+    let ballast = Ballast::take(data_dir);
     let writer = Writer {
+        ballast,
         store,
         journal,
         sink,
@@ -367,6 +371,9 @@ fn apply_when(store: &Store, journal: &Journal) -> ApplyJournal {
 }
 
 struct Writer<S> {
+    /// Disk space set aside for when the disk fills; while it is given up, new content is
+    /// refused (`ballast`).
+    ballast: Ballast,
     store: Store,
     /// What is logged and not yet applied to the derived tables.
     journal: Journal,
@@ -441,6 +448,10 @@ impl<S: CommitSink> Writer<S> {
         );
         if let Err(error) = self.after_txn(outcome) {
             self.deliveries.clear();
+            if matches!(error, StoreError::DiskFull { .. }) {
+                // The apply is retried an interval later, in the room the ballast leaves.
+                self.ballast.release();
+            }
             self.report(&error);
         }
         // Delivery receipts the acks called for.
@@ -504,26 +515,41 @@ impl<S: CommitSink> Writer<S> {
             .ops
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
         self.drop_invalid_ops();
+        if !self.ballast.recheck(Instant::now()) {
+            self.refuse_content();
+        }
         if self.batch.is_empty() {
             return;
         }
-        // Results of dropped ops stay; what the batch itself produces comes after them.
-        let results_len = self.results.len();
-        let when = apply_when(&self.store, &self.journal);
-        let outcome = apply::in_one_txn(
-            &self.store,
-            &mut self.journal,
-            when,
-            &mut self.batch,
-            &mut self.results,
-            &mut self.deliveries,
-        );
-        let Err(error) = self.after_txn(outcome) else {
-            return;
+        let error = loop {
+            // Results of dropped ops stay; what the batch itself produces comes after them.
+            let results_len = self.results.len();
+            let when = apply_when(&self.store, &self.journal);
+            let outcome = apply::in_one_txn(
+                &self.store,
+                &mut self.journal,
+                when,
+                &mut self.batch,
+                &mut self.results,
+                &mut self.deliveries,
+            );
+            let Err(error) = self.after_txn(outcome) else {
+                return;
+            };
+            // Nothing of the batch committed; forget what it produced.
+            self.results.truncate(results_len);
+            self.deliveries.clear();
+            if !matches!(error, StoreError::DiskFull { .. }) || self.ballast.is_full() {
+                break error;
+            }
+            // The disk just filled: give the ballast's room to what is not new content
+            // (applies, acks, account changes) and retry that once.
+            self.ballast.release();
+            self.refuse_content();
+            if self.batch.is_empty() {
+                return;
+            }
         };
-        // Nothing of the batch committed; forget what it produced.
-        self.results.truncate(results_len);
-        self.deliveries.clear();
         if self.batch.len() == 1 {
             // Retrying alone would repeat the same transaction.
             let origin = op_origin(&self.batch[0]);
@@ -583,31 +609,72 @@ impl<S: CommitSink> Writer<S> {
         }
     }
 
+    /// While the disk is full: answers every op of the batch that would store new content
+    /// `storage_full` and removes it (keeping the order of the rest). The ballast said why
+    /// on stderr already.
+    fn refuse_content(&mut self) {
+        let mut index = 0;
+        while index < self.batch.len() {
+            if !adds_content(&self.batch[index]) {
+                index += 1;
+                continue;
+            }
+            let op = self.batch.remove(index);
+            self.stats.ops_failed += 1;
+            if let Some(origin) = op_origin(&op) {
+                self.results.push(OpResult::SendFailed {
+                    origin,
+                    code: ErrorCode::StorageFull,
+                });
+            }
+        }
+    }
+
     /// Answers one op that was not applied.
     fn fail(&mut self, origin: Option<Origin>, error: &StoreError) {
         self.report(error);
         self.stats.ops_failed += 1;
-        let code = match error {
-            StoreError::Full => ErrorCode::StorageFull,
-            _ => ErrorCode::StorageFailed,
+        let code = if error.is_full() {
+            ErrorCode::StorageFull
+        } else {
+            ErrorCode::StorageFailed
         };
         if let Some(origin) = origin {
             self.results.push(OpResult::SendFailed { origin, code });
         }
     }
 
-    /// The sender only learns a code; the operator needs the reason. A full map is said
-    /// once until something commits again, other failures every time (they are rare and
-    /// each one matters).
+    /// The sender only learns a code; the operator needs the reason. A full map or disk is
+    /// said once until something commits again, other failures every time (they are rare
+    /// and each one matters).
     fn report(&mut self, error: &StoreError) {
         match error {
-            StoreError::Full if self.full_reported => {}
+            _ if error.is_full() && self.full_reported => {}
             StoreError::Full => {
                 self.full_reported = true;
                 eprintln!("tern: store writer: {error}; sends fail until map_size is raised");
             }
+            StoreError::DiskFull { .. } => {
+                self.full_reported = true;
+                eprintln!("tern: store writer: {error}; sends fail until space is freed");
+            }
             _ => eprintln!("tern: store writer: {error}"),
         }
+    }
+}
+
+/// Whether `op` stores new content, refused while the disk is full. Applies (`Flush`),
+/// device acks and account changes (logout and revocation must work on a full disk) are
+/// small and go on in the ballast's room.
+fn adds_content(op: &WriteOp) -> bool {
+    match op {
+        WriteOp::Send { .. }
+        | WriteOp::GroupOp { .. }
+        | WriteOp::GroupSend { .. }
+        | WriteOp::Read { .. }
+        | WriteOp::FileCommit { .. }
+        | WriteOp::FileSend(_) => true,
+        WriteOp::Flush { .. } | WriteOp::DeviceAck { .. } | WriteOp::Account(_) => false,
     }
 }
 

@@ -120,6 +120,22 @@ impl TestNode {
         node
     }
 
+    /// Starts a node running `io` on the data folder `data` (created if missing), which the
+    /// caller owns, on a free loopback port.
+    pub fn start_at(io: Io, data: PathBuf, extra: &[&str]) -> TestNode {
+        let mut node = TestNode {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            data,
+            io,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            stats_lines: None,
+            _dir: None,
+        };
+        node.spawn("127.0.0.1:0".parse().unwrap());
+        node
+    }
+
     fn spawn(&mut self, listen: SocketAddr) {
         let mut child = tern_command()
             .arg("serve")
