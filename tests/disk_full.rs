@@ -22,7 +22,7 @@ use tern::protocol::ErrorCode;
 const PASSWORD: &str = "pw-disk-full";
 /// The file system the node gets: room for the store, the ballast
 /// (`DISK_BALLAST_BYTES`) and a little more, so the test fills it quickly.
-const DISK_MIB: u64 = 48;
+const DISK_MIB: u64 = 160;
 /// Sends tried on the full disk before the test gives up on seeing `storage_full`.
 const SENDS_UNTIL_FULL_MAX: usize = 20_000;
 /// How long the node may take to notice freed space (it looks every `DISK_FULL_CHECK_MS`).

@@ -59,6 +59,14 @@ fn main() {
     let (mut results, mut deliveries) = (Vec::new(), Vec::new());
     let (mut log, mut apply) = ((0u64, 0u64), (0u64, 0u64));
     let mut apply_ms_max = 0f64;
+    // The store file's length follows its last page: how far one apply grows it is what a
+    // full disk must still hold (`DISK_BALLAST_BYTES`).
+    let file_len = || {
+        std::fs::metadata(dir.path().join("data.mdb"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let mut apply_growth_max = 0u64;
     let counters = store.writer_counters();
     let started = Instant::now();
     for b in 0..batches {
@@ -87,6 +95,7 @@ fn main() {
             .collect();
         let applies_before = counters.applies.load(std::sync::atomic::Ordering::Relaxed);
         let before = thread_write_bytes();
+        let len_before = file_len();
         let commit_started = Instant::now();
         if (b + 1) % apply_every == 0 {
             apply_batch(&store, &mut ops, &mut results, &mut deliveries).expect("batch");
@@ -100,6 +109,7 @@ fn main() {
         let applied = counters.applies.load(std::sync::atomic::Ordering::Relaxed) > applies_before;
         if applied {
             apply_ms_max = apply_ms_max.max(commit_ms);
+            apply_growth_max = apply_growth_max.max(file_len().saturating_sub(len_before));
         }
         let slot = if applied { &mut apply } else { &mut log };
         slot.0 += 1;
@@ -109,13 +119,15 @@ fn main() {
     println!(
         "users {users} batch {batch} batches {batches} apply every {apply_every}: {:.1} s; \
          log commits {} at {:.1} KiB each; applying commits {} at {:.1} KiB each; \
-         {:.0} B per message; longest applying commit {:.0} ms",
+         {:.0} B per message; longest applying commit {:.0} ms; \
+         largest growth of the file by one applying commit {:.1} MiB",
         started.elapsed().as_secs_f64(),
         log.0,
         log.1 as f64 / log.0.max(1) as f64 / 1024.0,
         apply.0,
         apply.1 as f64 / apply.0.max(1) as f64 / 1024.0,
         (log.1 + apply.1) as f64 / messages as f64,
-        apply_ms_max
+        apply_ms_max,
+        apply_growth_max as f64 / (1 << 20) as f64
     );
 }

@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-tern=target/release/tern
+tern=${TERN_BIN:-target/release/tern}  # another build to compare: TERN_BIN=path
 loadgen=target/release/tern-loadgen
 [ -x "$tern" ] && [ -x "$loadgen" ] || cargo build --release -p tern -p tern-loadgen
 base=$(mktemp -d "${STORE_IO_DIR:-/var/tmp}/tern-store-io.XXXXXX")
