@@ -36,8 +36,8 @@ const PASSWORD_CHECK_BYTES: u64 = 19 << 20;
 /// scenarios fill, all of it bounded: the output of a handful of connections (each at most
 /// twice `CONNECTION_BACKLOG_MAX` plus a frame, well under 1 MiB), 10,000 queued sends
 /// (~300 B each with their text), the writer's batches and journal for ~10,000 messages,
-/// and the store's pages mapped while they are read (the stores here stay under 20 MiB).
-/// That comes to ~25 MiB; the margin is 64 MiB so that allocator slack never trips it.
+/// and the store's pages mapped while they are read (a few MiB of messages here). That
+/// comes to well under 32 MiB; the margin is twice that so allocator slack never trips it.
 /// Without the output bound, the pipelined full sync pages alone made the node hold
 /// hundreds of MiB.
 const RSS_MARGIN_BYTES: u64 = 64 << 20;
