@@ -36,7 +36,9 @@ pub const SYNC_PAGE_BYTES_MAX: usize =
 
 /// Per-connection write backlog (bytes queued but not yet taken by the kernel). A connection
 /// over it is closed; its device resyncs from the timeline on reconnect. 256 KiB × 10k
-/// stalled readers would be 2.5 GiB, but only stalled readers hold any of it.
+/// stalled readers would be 2.5 GiB, but only stalled readers hold any of it. Output the
+/// shard encodes during a turn counts too, checked as it is produced, so pipelined
+/// requests with large answers hold at most this plus one frame before the close.
 pub const CONNECTION_BACKLOG_MAX: usize = 256 * 1024;
 
 /// Requests of one connection waiting on the store writer. Past it the connection gets a

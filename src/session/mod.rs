@@ -358,6 +358,13 @@ impl Conn {
         self.phase = Phase::Closing;
     }
 
+    /// Stops reading and closes once the output is taken, without a frame: the node holds
+    /// more output for this connection than it allows (`limits::CONNECTION_BACKLOG_MAX`).
+    /// What is already in the output still goes out.
+    pub fn close_without_frame(&mut self) {
+        self.phase = Phase::Closing;
+    }
+
     /// Another login took this device: tell the peer why, then close.
     pub fn kick(&mut self, message: &str) {
         self.kick_with(ErrorCode::ReplacedByNewLogin, message);

@@ -280,6 +280,28 @@ fn server_only_frame_from_client_is_a_violation() {
 }
 
 #[test]
+fn a_close_over_the_output_bound_keeps_the_output_and_adds_nothing() {
+    let mut conn = established();
+    let ping = frame(Kind::Ping, 7, &Ping { nonce: 1 });
+    let mut requests = Vec::new();
+    conn.receive(&ping, 0, &config(), &mut requests);
+    let pending = conn.output().len();
+    conn.close_without_frame();
+    assert!(conn.is_closing());
+    conn.receive(&ping, 0, &config(), &mut requests);
+    conn.reply_error(8, ErrorCode::Busy, "busy");
+    assert!(requests.is_empty());
+    let frames = take_frames(&mut conn);
+    assert_eq!(
+        frames.len(),
+        1,
+        "the pong from before the close, nothing after"
+    );
+    assert_eq!((frames[0].0, frames[0].1), (Kind::Pong, 7));
+    assert!(pending > 0);
+}
+
+#[test]
 fn kick_sends_kicked_and_closes() {
     let mut conn = established();
     conn.kick("replaced");

@@ -182,10 +182,33 @@ impl Shard {
     }
 
     fn mark_dirty(&mut self, conn: ConnId) {
+        self.output_over_bound(conn);
         // Linear scan is fine: the list holds the connections touched in one turn.
         if !self.dirty.contains(&conn) {
             self.dirty.push(conn);
         }
+    }
+
+    /// Whether `conn` holds more output than `CONNECTION_BACKLOG_MAX`; if so it is closed
+    /// (once), without a frame, as a backlog overflow. Output builds up during a turn and
+    /// the backend takes it only at the end, so without this check a burst of requests with
+    /// large answers (a pipelined run of full sync pages: ~2,000 times its request) or of
+    /// pushes could make one connection hold any amount of memory before the backlog check
+    /// in `flush` saw it. With it, a connection holds at most the bound plus one frame here
+    /// and the bound in the backend.
+    fn output_over_bound(&mut self, conn_id: ConnId) -> bool {
+        let Some(conn) = self.conn_mut(conn_id) else {
+            return false;
+        };
+        if conn.output().len() <= CONNECTION_BACKLOG_MAX {
+            return false;
+        }
+        if !conn.is_closing() {
+            // A reader this slow loses its pushes; it resyncs from its timeline.
+            conn.close_without_frame();
+            self.stats.backlog_overflows += 1;
+        }
+        true
     }
 
     /// When `conn` must next hear from its peer.
@@ -261,7 +284,11 @@ impl Shard {
         while !self.requests.is_empty() {
             let requests = std::mem::take(&mut self.requests);
             for request in requests {
-                self.handle_request(conn_id, request, now_ms);
+                // Past its output bound the connection is closing: nothing more it asked
+                // for is carried out.
+                if !self.output_over_bound(conn_id) {
+                    self.handle_request(conn_id, request, now_ms);
+                }
             }
         }
     }

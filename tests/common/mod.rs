@@ -91,6 +91,15 @@ macro_rules! io_tests {
     };
 }
 
+/// Resident memory of a node process, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeMemory {
+    /// `VmRSS`: resident now.
+    pub rss_bytes: u64,
+    /// `VmHWM`: the most that was ever resident.
+    pub hwm_bytes: u64,
+}
+
 pub struct TestNode {
     pub child: Option<Child>,
     pub addr: SocketAddr,
@@ -202,6 +211,30 @@ impl TestNode {
 
     pub fn add_user(&self, name: &str, password: &str) {
         add_user(&self.data, name, password);
+    }
+
+    /// The node's resident memory now and at its peak, from `/proc/PID/status`.
+    pub fn memory(&self) -> NodeMemory {
+        let child = self.child.as_ref().expect("node not running");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .expect("read /proc/PID/status of the node");
+        let kib = |field: &str| -> u64 {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"));
+            let value: u64 = line[field.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("bad line {line:?}"));
+            value * 1024
+        };
+        NodeMemory {
+            rss_bytes: kib("VmRSS:"),
+            hwm_bytes: kib("VmHWM:"),
+        }
     }
 
     /// SIGKILL: no flush, no goodbye.
