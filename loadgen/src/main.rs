@@ -6,7 +6,7 @@
 //! ports), `verify` (exactly-once check), `hist` (histograms and their wire form), `run`
 //! (the coordinator and report), `html`, `capacity`, `node` (a spawned `tern serve`),
 //! `meter` (the node's disk writes and CPU per thread over a run), `sys` (PRNG, /proc
-//! sampling).
+//! sampling), `uploader` (the kill loop's upload in progress and its check).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +23,7 @@ mod run;
 mod schedule;
 mod spec;
 mod sys;
+mod uploader;
 mod verify;
 mod worker;
 

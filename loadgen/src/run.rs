@@ -353,6 +353,15 @@ fn run_with_node(
         .collect();
     let mut chaos_next = 0;
     let mut chaos_error = None;
+    // The kill loop also keeps an upload in progress, as its own device of the first user.
+    let chaos = args.chaos_every.is_some() || args.chaos_restart_at.is_some();
+    let uploader = chaos.then(|| {
+        crate::uploader::Uploader::start(
+            server,
+            format!("{}0", args.user_prefix),
+            args.password.clone(),
+        )
+    });
     let mut totals = Counts::default();
     let mut last_node: Option<ProcSample> = node_start;
     while results.iter().any(Option::is_none) {
@@ -512,6 +521,33 @@ fn run_with_node(
             chaos_plan.len()
         ));
     }
+    let uploads = uploader.map(|uploader| {
+        let log = uploader.finish();
+        let user = format!("{}0", args.user_prefix);
+        let verified = crate::uploader::verify(server, &user, &args.password, &log);
+        (log, verified)
+    });
+    if let Some((_, Err(e))) = &uploads {
+        failures.push(format!("uploads: {e}"));
+    }
+    let audit_wanted = args.audit || chaos;
+    let audit = match data_dir {
+        Some(dir) if audit_wanted => Some(audit_store(dir)),
+        _ => None,
+    };
+    match &audit {
+        Some(Err(e)) => failures.push(format!("store audit: {e}")),
+        Some(Ok(found)) if !found.is_clean() => failures.push(format!(
+            "store audit: {} timeline gaps, {} missing messages, {} unread mismatches, \
+             {} bad files; first: {:?}",
+            found.timeline_gaps,
+            found.missing_messages,
+            found.unread_mismatches,
+            found.bad_files,
+            found.details.first()
+        )),
+        _ => {}
+    }
     let own_cpu = self_sample().map_or(0.0, |s| s.cpu_seconds) - own_cpu_start;
     // One process: the workers' threads are this process's. Several: their own totals.
     let loadgen_cpu = if processes == 1 {
@@ -615,6 +651,24 @@ fn run_with_node(
             "store_bytes_start": store_bytes_start,
             "store_growth_bytes_per_acked_message": per_acked(store_growth),
             "threads": usage.threads_cpu_seconds,
+            "uploads": uploads.as_ref().map(|(log, verified)| json!({
+                "completed": log.completed.len(),
+                "resumed": log.resumed,
+                "interrupted": log.interrupted,
+                "verified": verified.as_ref().ok(),
+            })),
+            "store_audit": audit.as_ref().and_then(|a| a.as_ref().ok()).map(|a| json!({
+                "clean": a.is_clean(),
+                "users": a.users,
+                "timeline_entries": a.timeline_entries,
+                "timeline_gaps": a.timeline_gaps,
+                "missing_messages": a.missing_messages,
+                "conversations": a.conversations,
+                "unread_mismatches": a.unread_mismatches,
+                "files": a.files,
+                "bad_files": a.bad_files,
+                "journal_entries": a.journal_entries,
+            })),
         },
         "throughput": throughput,
         "loadgen": {
@@ -699,6 +753,13 @@ pub fn write_file(path: &Path, text: &str) -> Result<(), String> {
         std::fs::File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
     file.write_all(text.as_bytes())
         .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// `Store::audit` of the node's data folder, opened beside the running node.
+fn audit_store(dir: &Path) -> Result<tern::storage::Audit, String> {
+    let store = tern::storage::Store::open_beside_node(dir, &tern::storage::StoreConfig::default())
+        .map_err(|e| format!("open store in {}: {e}", dir.display()))?;
+    store.audit().map_err(|e| e.to_string())
 }
 
 /// Creates (or finds) the load users in the node's data folder; returns their ids.
@@ -851,6 +912,29 @@ fn human_summary(r: &Value) -> String {
         int("server.restarts"),
         int("server.kills_planned"),
     ));
+    if g("server.uploads").is_object() {
+        out.push_str(&format!(
+            "uploads     {} completed and verified {} (of them {} resumed after {} interruptions)\n",
+            int("server.uploads.completed"),
+            int("server.uploads.verified"),
+            int("server.uploads.resumed"),
+            int("server.uploads.interrupted"),
+        ));
+    }
+    if g("server.store_audit").is_object() {
+        out.push_str(&format!(
+            "store       audit {}: {} users, {} timeline entries, {} gaps; {} conversations, {} unread mismatches; {} files, {} bad; {} journal entries pending\n",
+            if g("server.store_audit.clean").as_bool() == Some(true) { "clean" } else { "FAILED" },
+            int("server.store_audit.users"),
+            int("server.store_audit.timeline_entries"),
+            int("server.store_audit.timeline_gaps"),
+            int("server.store_audit.conversations"),
+            int("server.store_audit.unread_mismatches"),
+            int("server.store_audit.files"),
+            int("server.store_audit.bad_files"),
+            int("server.store_audit.journal_entries"),
+        ));
+    }
     let bytes = |path: &str| {
         g(path)
             .as_f64()

@@ -49,6 +49,11 @@ pub struct RunArgs {
     /// must still lose and duplicate nothing.
     #[arg(long)]
     pub chaos_every: Option<f64>,
+    /// At the end, check the node's store (`tern check`): every timeline contiguous, every
+    /// unread count equal to a recount, every recorded file complete; a problem fails the
+    /// run. Needs the data folder (--spawn or --data); on by default with the chaos options.
+    #[arg(long)]
+    pub audit: bool,
 
     /// Simulated devices (connections). Rounded up to whole users of --devices each.
     #[arg(long, default_value_t = 100)]

@@ -457,4 +457,17 @@ fn a_node_killed_ten_times_loses_and_duplicates_nothing() {
         int(&report, "messages.delivered"),
         int(&report, "messages.deliveries_expected")
     );
+    // An upload was in progress through the kills; what the node acknowledged downloads
+    // intact, and the store holds no partial file, no timeline hole, no miscounted unread.
+    let uploads = int(&report, "server.uploads.completed");
+    assert!(uploads > 0, "no upload finished during the kill loop");
+    assert_eq!(int(&report, "server.uploads.verified"), uploads);
+    assert_eq!(
+        report.pointer("/server/store_audit/clean"),
+        Some(&serde_json::json!(true))
+    );
+    // A finish whose answer a kill cut off is recorded and then uploaded again.
+    assert!(int(&report, "server.store_audit.files") >= uploads);
+    assert!(int(&report, "server.store_audit.conversations") > 0);
+    assert_eq!(int(&report, "server.store_audit.unread_mismatches"), 0);
 }

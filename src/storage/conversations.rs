@@ -507,3 +507,48 @@ impl<'s> ReadView<'s> {
         Ok((items, total))
     }
 }
+
+/// `Store::audit`'s check of `user`'s conversations: each stored unread count against a
+/// recount of the conversation's entries after its read mark.
+pub(super) fn audit_unread(
+    txn: &RoTxn<'_, heed::WithoutTls>,
+    dbs: &Dbs,
+    user: UserId,
+    audit: &mut super::Audit,
+) -> Result<(), StoreError> {
+    let start = schema::pair_key(user.0, 0);
+    let end = schema::pair_key(user.0, u64::MAX);
+    let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+    for item in dbs
+        .convs
+        .range(txn, &range)
+        .map_err(StoreError::lmdb("open conversations"))?
+    {
+        let (key, value) = item.map_err(StoreError::lmdb("read conversation"))?;
+        let conv = schema::decode_u64(&key[8..], "conversation key")?;
+        let state = ConvState::decode(value)?;
+        audit.conversations += 1;
+        let first = schema::triple_key(user.0, conv, state.read_seq.saturating_add(1));
+        let last = schema::triple_key(user.0, conv, u64::MAX);
+        let entries = (Bound::Included(&first[..]), Bound::Included(&last[..]));
+        let mut recount = 0u64;
+        for item in dbs
+            .conv_entries
+            .range(txn, &entries)
+            .map_err(StoreError::lmdb("open conversation range"))?
+        {
+            let (_, value) = item.map_err(StoreError::lmdb("read conversation entry"))?;
+            recount += u64::from(ConvEntry::decode(value)?.counts_unread);
+        }
+        if recount != state.unread {
+            audit.unread_mismatches += 1;
+            audit.problem(|| {
+                format!(
+                    "user {} conversation {conv}: unread {} stored, {recount} counted",
+                    user.0, state.unread
+                )
+            });
+        }
+    }
+    Ok(())
+}

@@ -527,3 +527,33 @@ impl<'s> ReadView<'s> {
         usage(self.txn(), self.dbs(), user)
     }
 }
+
+/// `Store::audit`'s check of every recorded file: its blob exists with the recorded size
+/// and SHA-256 (a recorded file must never be partial).
+pub(super) fn audit_blobs(
+    txn: &RoTxn<'_, heed::WithoutTls>,
+    dbs: &Dbs,
+    files_dir: &Path,
+    audit: &mut super::Audit,
+) -> Result<(), StoreError> {
+    for item in dbs
+        .files
+        .iter(txn)
+        .map_err(StoreError::lmdb("open files"))?
+    {
+        let (key, value) = item.map_err(StoreError::lmdb("read file"))?;
+        let file_id = schema::decode_u64(key, "file key")?;
+        let meta = FileMeta::decode(value)?;
+        audit.files += 1;
+        let found = hash_file(&blob_path(files_dir, &meta.sha256));
+        let why = match found {
+            Ok((size, sha256)) if size == meta.size && sha256 == meta.sha256 => continue,
+            Ok((size, _)) if size != meta.size => format!("{size} bytes, {} recorded", meta.size),
+            Ok(_) => "another SHA-256 than recorded".to_owned(),
+            Err(e) => format!("blob unreadable: {e}"),
+        };
+        audit.bad_files += 1;
+        audit.problem(|| format!("file {file_id}: {why}"));
+    }
+    Ok(())
+}

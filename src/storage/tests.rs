@@ -1421,3 +1421,44 @@ fn a_full_map_with_a_deferred_journal_keeps_timelines_contiguous() {
     assert_eq!(timeline(&h.store, BOB).len(), bob_seqs.len());
     h.finish();
 }
+
+#[test]
+fn the_audit_passes_a_sound_store_and_names_each_kind_of_damage() {
+    let mut h = Harness::deferred(deferred_config(), false);
+    for i in 0..4 {
+        h.send_acked(ALICE, BOB, i + 1, "hello");
+        h.send_acked(BOB, ALICE, i + 1, "hi");
+    }
+    match h.read_mark(BOB, ALICE.0, 3) {
+        OpResult::Answered { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let (_dir, store, _, _) = h.finish();
+    let audit = store.audit().unwrap();
+    assert!(audit.is_clean(), "{audit:?}");
+    assert_eq!(audit.users, 3);
+    assert_eq!(audit.journal_entries, 0, "a clean stop applies the journal");
+    let entries = timeline(&store, ALICE).len() + timeline(&store, BOB).len();
+    assert!(entries >= 16, "both sides of eight messages");
+    assert_eq!(audit.timeline_entries, entries as u64);
+    assert_eq!(audit.conversations, 2);
+
+    // Damage: an unread count off by one, and a hole in Bob's timeline.
+    let dbs = *store.dbs();
+    {
+        let (_gate, mut txn) = store.write_txn().unwrap();
+        let key = schema::pair_key(ALICE.0, BOB.0);
+        let mut state = dbs.convs.get(&txn, &key).unwrap().unwrap().to_vec();
+        state[39] = state[39].wrapping_add(1);
+        dbs.convs.put(&mut txn, &key, &state).unwrap();
+        dbs.timelines
+            .delete(&mut txn, &schema::timeline_key(BOB, 2))
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let audit = store.audit().unwrap();
+    assert!(!audit.is_clean());
+    assert_eq!(audit.unread_mismatches, 1, "{audit:?}");
+    assert_eq!(audit.timeline_gaps, 1, "{audit:?}");
+    assert_eq!(audit.details.len(), 2);
+}
