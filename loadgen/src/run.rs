@@ -382,7 +382,7 @@ fn run_with_node(
                 });
                 let _ = p;
             }
-            Ok((p, WorkerMsg::Done(result))) => results[p as usize] = Some(Ok(result)),
+            Ok((p, WorkerMsg::Done(result))) => results[p as usize] = Some(Ok(*result)),
             Ok((p, WorkerMsg::Failed(message))) => results[p as usize] = Some(Err(message)),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,

@@ -154,7 +154,7 @@ pub struct WorkerResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum WorkerMsg {
     Tick(Tick),
-    Done(WorkerResult),
+    Done(Box<WorkerResult>),
     Failed(String),
 }
 
@@ -210,7 +210,7 @@ struct ThreadOutcome {
 /// Runs this process's share of the run; `emit` gets a tick a second and the result.
 pub fn run_process(spec: WorkerSpec, emit: &mut dyn FnMut(WorkerMsg)) {
     match run_process_inner(spec, emit) {
-        Ok(result) => emit(WorkerMsg::Done(result)),
+        Ok(result) => emit(WorkerMsg::Done(Box::new(result))),
         Err(message) => emit(WorkerMsg::Failed(message)),
     }
 }
