@@ -313,6 +313,7 @@ pub fn run_page(report: &Value) -> String {
             ],
         ));
     }
+    body.push_str(&outage_table(&report["outage"]));
     body.push_str(&chart(
         "Connected clients",
         "seconds",
@@ -321,6 +322,21 @@ pub fn run_page(report: &Value) -> String {
             name: "connected",
             points: column(report, "connected", 1.0),
         }],
+    ));
+    body.push_str(&chart(
+        "Connection attempts and logins per second (reconnect backoff)",
+        "seconds",
+        "per second",
+        &[
+            Series {
+                name: "attempts",
+                points: column(report, "connects", 1.0),
+            },
+            Series {
+                name: "logins",
+                points: column(report, "logins", 1.0),
+            },
+        ],
     ));
     body.push_str(&chart(
         "Node memory",
@@ -348,6 +364,36 @@ pub fn run_page(report: &Value) -> String {
     ));
     body.push_str("<p class=\"note\">Latencies are counted from each message's intended send time (open loop), so a stall of the node or of the load generator shows as latency, not as a lower rate. e2e is the time until a recipient device received the message. A run passes when every acknowledged message reached every device of its recipient and sender exactly once and in timeline order after a final sync.</p>");
     page("tern-loadgen run", &body)
+}
+
+/// The outage section of a run with `--outage-at`; nothing otherwise.
+fn outage_table(outage: &Value) -> String {
+    if !outage.is_object() {
+        return String::new();
+    }
+    let mut out = String::from("<table><tr><th>network outage</th><th>value</th></tr>");
+    for (label, key) in [
+        ("link down at (s)", "down_at_s"),
+        ("link up at (s)", "up_at_s"),
+        ("converged after link-up (s)", "converged_seconds"),
+        ("deliveries pending at link-up", "deliveries_pending_at_up"),
+        ("devices that reconnected", "devices_reconnected"),
+        ("last device back after link-up (s)", "reconnected_seconds"),
+        ("devices not back", "devices_not_back"),
+        ("connection attempts", "connect_attempts"),
+        (
+            "most attempts of one device",
+            "connect_attempts_per_device_max",
+        ),
+        ("most attempts in one second", "connect_attempts_peak"),
+    ] {
+        out.push_str(&format!(
+            "<tr><td>{label}</td><td>{}</td></tr>",
+            f(&outage[key])
+        ));
+    }
+    out.push_str("</table>");
+    out
 }
 
 /// Bytes the node wrote and the size of its store; "-" where unknown (a remote node).

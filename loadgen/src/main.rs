@@ -5,8 +5,9 @@
 //! threads driving `tern::client::ClientSession`s), `net` (sockets with chosen source
 //! ports), `verify` (exactly-once check), `hist` (histograms and their wire form), `run`
 //! (the coordinator and report), `html`, `capacity`, `node` (a spawned `tern serve`),
-//! `meter` (the node's disk writes and CPU per thread over a run), `sys` (PRNG, /proc
-//! sampling), `uploader` (the kill loop's upload in progress and its check).
+//! `meter` (the node's disk writes and CPU per thread over a run), `outage` (convergence
+//! and reconnects after a network outage), `sys` (PRNG, /proc sampling), `uploader` (the
+//! kill loop's upload in progress and its check).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ mod html;
 mod meter;
 mod net;
 mod node;
+mod outage;
 mod run;
 mod schedule;
 mod spec;

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::hist::{Hists, Metric, Summary, summary};
 use crate::meter::NodeMeter;
 use crate::node::{SpawnedNode, find_tern};
+use crate::outage::OutageResult;
 use crate::spec::{Pattern, RunArgs, WorkerSpec, parse_size, parse_source_ips, partition};
 use crate::sys::{ProcSample, Rng, dir_size_bytes, proc_sample, self_sample};
 use crate::worker::{Counts, Tick, WorkerMsg, WorkerResult, run_process};
@@ -44,6 +45,10 @@ pub struct Second {
     pub heartbeat_p99_ms: f64,
     /// Sends answered `busy` by the node in this second.
     pub busy: u64,
+    /// Connection attempts (sockets opened, first connects and reconnects) in this second.
+    pub connects: u64,
+    /// Logins completed in this second.
+    pub logins: u64,
     pub node_rss_bytes: u64,
     pub node_cpu_pct: f64,
     /// Bytes the node had written to storage in this second (`/proc/PID/io`); 0 when
@@ -106,6 +111,15 @@ fn validate(args: &RunArgs) -> Result<(), String> {
             return Err(format!(
                 "--chaos-every must be at least {CHAOS_EVERY_MIN_SECONDS} s"
             ));
+        }
+    }
+    if let Some(at) = args.outage_at {
+        let seconds = args.outage_seconds;
+        if !(at >= 0.0 && seconds > 0.0 && at + seconds < args.duration) {
+            return Err(
+                "--outage-at and --outage-seconds: the link must come back before --duration"
+                    .into(),
+            );
         }
     }
     if !args.spawn && args.server.is_none() {
@@ -377,7 +391,7 @@ fn run_with_node(
                 });
                 let _ = p;
             }
-            Ok((p, WorkerMsg::Done(result))) => results[p as usize] = Some(Ok(result)),
+            Ok((p, WorkerMsg::Done(result))) => results[p as usize] = Some(Ok(*result)),
             Ok((p, WorkerMsg::Failed(message))) => results[p as usize] = Some(Err(message)),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -488,6 +502,7 @@ fn run_with_node(
     let mut group_setup_seconds = 0.0f64;
     let mut worker_cpu = 0.0;
     let (mut drain_seconds, mut final_sync_seconds) = (0.0f64, 0.0f64);
+    let mut outage: Option<OutageResult> = None;
     for (p, result) in results.into_iter().enumerate() {
         match result {
             Some(Ok(r)) => {
@@ -505,6 +520,10 @@ fn run_with_node(
                 worker_cpu += r.cpu_seconds;
                 drain_seconds = drain_seconds.max(r.drain_seconds);
                 final_sync_seconds = final_sync_seconds.max(r.final_sync_seconds);
+                match (&mut outage, r.outage) {
+                    (Some(merged), Some(o)) => merged.add(&o),
+                    (merged, o) => *merged = merged.take().or(o),
+                }
             }
             Some(Err(e)) => failures.push(format!("worker {p}: {e}")),
             None => failures.push(format!("worker {p}: no result")),
@@ -512,6 +531,13 @@ fn run_with_node(
     }
     if let Some(e) = chaos_error {
         failures.push(e);
+    }
+    if let Some(e) = outage.as_ref().and_then(|o| o.command_error.clone()) {
+        failures.push(e);
+    }
+    if args.outage_at.is_some() && outage.is_none() {
+        // An outage that did not happen proves nothing.
+        failures.push("outage: planned, but no worker saw it happen".into());
     }
     let restarts = node.as_ref().map_or(0, |n| n.restarts);
     if restarts as usize != chaos_plan.len() {
@@ -692,6 +718,7 @@ fn run_with_node(
             "final_sync_seconds": final_sync_seconds,
             "wall_seconds": wall,
         },
+        "outage": outage.as_ref().map(|o| outage_section(o, &seconds)),
         "timeseries": seconds,
     });
     let summary = human_summary(&report);
@@ -705,6 +732,48 @@ fn run_with_node(
         report,
         passed,
         summary,
+    })
+}
+
+/// Seconds of the time series shown around an outage, at most: enough for the longest
+/// backoff to play out several times.
+const OUTAGE_SECONDS_SHOWN_MAX: u64 = 300;
+
+/// The report's `outage` section: the merged result, and connection attempts, logins and
+/// connected devices per second from the second the link went down until a second after
+/// the devices converged (or came back, whichever is later), to show how the reconnect
+/// backoff spread the attempts.
+fn outage_section(o: &OutageResult, seconds: &[Second]) -> Value {
+    let down_s = o.down_us as f64 / 1e6;
+    let up_s = o.up_us as f64 / 1e6;
+    let settled_s = up_s
+        + o.converged_seconds
+            .unwrap_or(0.0)
+            .max(o.reconnected_seconds.unwrap_or(0.0));
+    // Second t covers (t-1, t].
+    let first = down_s.floor() as u64 + 1;
+    let last = (settled_s.ceil() as u64 + 1).min(first + OUTAGE_SECONDS_SHOWN_MAX);
+    let shown: Vec<&Second> = seconds
+        .iter()
+        .filter(|s| s.t >= first && s.t <= last)
+        .collect();
+    let peak = shown.iter().max_by_key(|s| s.connects);
+    json!({
+        "down_at_s": down_s,
+        "up_at_s": up_s,
+        "converged_seconds": o.converged_seconds,
+        "deliveries_pending_at_up": o.deliveries_pending_at_up,
+        "reconnected_seconds": o.reconnected_seconds,
+        "devices_reconnected": o.devices_reconnected,
+        "devices_not_back": o.devices_not_back,
+        "connect_attempts": o.connect_attempts,
+        "connect_attempts_per_device_max": o.connect_attempts_per_device_max,
+        "connect_attempts_peak": peak.map_or(0, |s| s.connects),
+        "connect_attempts_peak_second": peak.map(|s| s.t),
+        "first_second": first,
+        "connect_attempts_per_second": shown.iter().map(|s| s.connects).collect::<Vec<_>>(),
+        "logins_per_second": shown.iter().map(|s| s.logins).collect::<Vec<_>>(),
+        "connected_per_second": shown.iter().map(|s| s.connected).collect::<Vec<_>>(),
     })
 }
 
@@ -811,6 +880,8 @@ fn to_second(sec: u64, part: &Partial) -> Second {
         delivered: part.counts.delivered,
         errors: part.counts.errors,
         busy: part.counts.busy,
+        connects: part.counts.connects,
+        logins: part.counts.logins,
         ack_p50_ms: ack.p50,
         ack_p99_ms: ack.p99,
         e2e_p50_ms: e2e.p50,
@@ -968,6 +1039,26 @@ fn human_summary(r: &Value) -> String {
         num("phases.drain_seconds"),
         num("phases.final_sync_seconds"),
     ));
+    if r["outage"].is_object() {
+        let secs = |path: &str| {
+            g(path)
+                .as_f64()
+                .map_or("never".to_owned(), |s| format!("{s:.1} s"))
+        };
+        out.push_str(&format!(
+            "outage      {:.1}..{:.1} s; converged {} after link-up ({} deliveries pending then); {} devices reconnected, last after {} ({} not back); {} attempts, at most {} per device, peak {} in one second\n",
+            num("outage.down_at_s"),
+            num("outage.up_at_s"),
+            secs("outage.converged_seconds"),
+            int("outage.deliveries_pending_at_up"),
+            int("outage.devices_reconnected"),
+            secs("outage.reconnected_seconds"),
+            int("outage.devices_not_back"),
+            int("outage.connect_attempts"),
+            int("outage.connect_attempts_per_device_max"),
+            int("outage.connect_attempts_peak"),
+        ));
+    }
     if let Some(errors) = r["errors"].as_object()
         && !errors.is_empty()
     {

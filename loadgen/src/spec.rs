@@ -54,6 +54,20 @@ pub struct RunArgs {
     /// run. Needs the data folder (--spawn or --data); on by default with the chaos options.
     #[arg(long)]
     pub audit: bool,
+    /// A network outage this many seconds into the run: `--outage-cmd` is run with the
+    /// argument `down` then and with `up` --outage-seconds later (tools/netem/run.sh
+    /// passes a script that takes the link down and up). The report's `outage` section
+    /// says how long the devices took to converge after it and how many reconnect attempts
+    /// their backoff made. With several --processes only the first runs the command.
+    #[arg(long, requires = "outage_cmd")]
+    pub outage_at: Option<f64>,
+    /// How long the outage of --outage-at lasts.
+    #[arg(long, default_value_t = 20.0)]
+    pub outage_seconds: f64,
+    /// The command that takes the link down and up (run by `sh -c`, with `down` or `up`
+    /// appended). Needs --outage-at.
+    #[arg(long, requires = "outage_at")]
+    pub outage_cmd: Option<String>,
 
     /// Simulated devices (connections). Rounded up to whole users of --devices each.
     #[arg(long, default_value_t = 100)]

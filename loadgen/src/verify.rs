@@ -21,6 +21,9 @@ pub struct AckedMsg {
     /// Global user index (`load-<index>`).
     pub from_user: u32,
     pub to: To,
+    /// When the send was due, µs since the worker's epoch: the outage report counts the
+    /// messages sent before the link came back.
+    pub intended_us: u64,
 }
 
 /// Where a message went.
@@ -39,6 +42,9 @@ pub struct DeviceLog {
     /// Global client index: user `client / devices_per_user`, device `client % devices_per_user`.
     pub client: u32,
     pub delivered: Vec<u64>,
+    /// When each of `delivered` arrived, µs since the worker's epoch; kept only in a run
+    /// with an outage (empty otherwise).
+    pub delivered_at_us: Vec<u64>,
     /// The device finished a sync run that started after every send was acknowledged, so
     /// `delivered` must be complete.
     pub synced: bool,
@@ -105,23 +111,11 @@ pub fn verify(
         if !acked_ids.insert(msg.msg_id) {
             continue;
         }
-        let pair;
-        let users: &[u32] = match msg.to {
-            To::User(to) if to == msg.from_user => std::slice::from_ref(&msg.from_user),
-            To::User(to) => {
-                pair = [msg.from_user, to];
-                &pair
+        for_each_recipient(msg, devices_per_user, groups, |client| {
+            if let Some(&i) = index.get(&client) {
+                expected[i].push(msg.msg_id);
             }
-            To::Group(g) => &groups[g as usize],
-        };
-        for &user in users {
-            for device in 0..devices_per_user {
-                let client = user * devices_per_user + device;
-                if let Some(&i) = index.get(&client) {
-                    expected[i].push(msg.msg_id);
-                }
-            }
-        }
+        });
     }
 
     let mut verdict = Verdict::default();
@@ -148,6 +142,29 @@ pub fn verify(
         }
     }
     verdict
+}
+
+/// Calls `f` with the global client index of every device whose timeline holds `msg`.
+pub fn for_each_recipient(
+    msg: &AckedMsg,
+    devices_per_user: u32,
+    groups: &[Vec<u32>],
+    mut f: impl FnMut(u32),
+) {
+    let pair;
+    let users: &[u32] = match msg.to {
+        To::User(to) if to == msg.from_user => std::slice::from_ref(&msg.from_user),
+        To::User(to) => {
+            pair = [msg.from_user, to];
+            &pair
+        }
+        To::Group(g) => &groups[g as usize],
+    };
+    for &user in users {
+        for device in 0..devices_per_user {
+            f(user * devices_per_user + device);
+        }
+    }
 }
 
 /// (duplicates, out-of-order) in one device's delivery sequence.
@@ -177,6 +194,7 @@ mod tests {
         DeviceLog {
             client,
             delivered: delivered.to_vec(),
+            delivered_at_us: Vec::new(),
             synced: true,
         }
     }
@@ -186,6 +204,7 @@ mod tests {
             msg_id,
             from_user,
             to: To::User(to_user),
+            intended_us: 0,
         }
     }
 
@@ -257,11 +276,13 @@ mod tests {
                 msg_id: 4,
                 from_user: 1,
                 to: To::Group(0),
+                intended_us: 0,
             },
             AckedMsg {
                 msg_id: 9,
                 from_user: 0,
                 to: To::Group(0),
+                intended_us: 0,
             },
         ];
         let mut logs: Vec<DeviceLog> = (0..6).map(|c| log(c, &[4, 9])).collect();

@@ -27,6 +27,7 @@ use tern::protocol::ErrorCode;
 
 use crate::hist::{Hists, Metric, WireHists};
 use crate::net::{self, Connector};
+use crate::outage::{DeviceOutage, OutageResult, outage_result};
 use crate::schedule::OpenLoop;
 use crate::spec::{Pattern, WorkerSpec, group_blocks, parse_size};
 use crate::sys::{Rng, self_sample, unix_ms};
@@ -146,12 +147,14 @@ pub struct WorkerResult {
     pub cpu_seconds: f64,
     pub drain_seconds: f64,
     pub final_sync_seconds: f64,
+    /// With `--outage-at`: how the devices of this process came through it.
+    pub outage: Option<OutageResult>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum WorkerMsg {
     Tick(Tick),
-    Done(WorkerResult),
+    Done(Box<WorkerResult>),
     Failed(String),
 }
 
@@ -194,6 +197,8 @@ struct ThreadTick {
 
 struct ThreadOutcome {
     logs: Vec<DeviceLog>,
+    /// Parallel to `logs`; empty without an outage.
+    outages: Vec<DeviceOutage>,
     acked: Vec<AckedMsg>,
     hists: Hists,
     counts: Counts,
@@ -205,7 +210,7 @@ struct ThreadOutcome {
 /// Runs this process's share of the run; `emit` gets a tick a second and the result.
 pub fn run_process(spec: WorkerSpec, emit: &mut dyn FnMut(WorkerMsg)) {
     match run_process_inner(spec, emit) {
-        Ok(result) => emit(WorkerMsg::Done(result)),
+        Ok(result) => emit(WorkerMsg::Done(Box::new(result))),
         Err(message) => emit(WorkerMsg::Failed(message)),
     }
 }
@@ -254,13 +259,19 @@ fn run_process_inner(
     let mut sync_started = None;
     let mut drain_seconds = 0.0;
     let mut final_sync_seconds = 0.0;
+    let mut outage = OutageHook::new(&spec, epoch);
     loop {
-        match tick_rx.recv_timeout(Duration::from_millis(100)) {
+        let wait = outage.next_at().map_or(PROCESS_WAIT_MAX, |at| {
+            at.saturating_duration_since(Instant::now())
+                .min(PROCESS_WAIT_MAX)
+        });
+        match tick_rx.recv_timeout(wait) {
             Ok(tick) => merge_tick(&mut pending, tick, threads, emit),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let now = Instant::now();
+        outage.poll(now);
         let all = |state: u8| {
             shared
                 .threads
@@ -290,6 +301,8 @@ fn run_process_inner(
             _ => {}
         }
     }
+    // The link comes back even when the run ended first.
+    outage.finish();
     // Threads dropped their senders: they are done. Flush partial seconds.
     for (sec, (_, tick)) in std::mem::take(&mut pending) {
         emit(WorkerMsg::Tick(Tick {
@@ -312,6 +325,7 @@ fn run_process_inner(
     let mut errors = BTreeMap::new();
     let mut acked = Vec::new();
     let mut logs = Vec::new();
+    let mut device_outages = Vec::new();
     let mut unacked = 0;
     let mut clients_connected = 0;
     for outcome in outcomes {
@@ -322,10 +336,26 @@ fn run_process_inner(
         }
         acked.extend(outcome.acked);
         logs.extend(outcome.logs);
+        device_outages.extend(outcome.outages);
         unacked += outcome.unacked;
         clients_connected += outcome.clients_connected;
     }
     let verdict = verify(&acked, spec.args.devices.max(1), &groups.members, &logs);
+    let outage = outage.result().map(|(down, up, command_error)| {
+        let us = |at: Instant| at.saturating_duration_since(epoch).as_micros() as u64;
+        OutageResult {
+            command_error,
+            ..outage_result(
+                &acked,
+                spec.args.devices.max(1),
+                &groups.members,
+                &logs,
+                &device_outages,
+                us(down),
+                us(up),
+            )
+        }
+    });
     Ok(WorkerResult {
         clients: logs.len() as u64,
         groups: groups.ids.len() as u64,
@@ -339,7 +369,96 @@ fn run_process_inner(
         cpu_seconds: self_sample().map_or(0.0, |s| s.cpu_seconds),
         drain_seconds,
         final_sync_seconds,
+        outage,
     })
+}
+
+/// Longest wait of the process loop between looks at the phase and the outage plan.
+const PROCESS_WAIT_MAX: Duration = Duration::from_millis(100);
+
+/// The `--outage-at` plan of one process: the first process runs `--outage-cmd down` and
+/// `up` at their times and notes when each returned; the others take the planned times.
+struct OutageHook {
+    cmd: Option<String>,
+    down_at: Option<Instant>,
+    up_at: Option<Instant>,
+    /// When the link went down and came back, once it did.
+    down: Option<Instant>,
+    up: Option<Instant>,
+    error: Option<String>,
+}
+
+impl OutageHook {
+    fn new(spec: &WorkerSpec, epoch: Instant) -> OutageHook {
+        let args = &spec.args;
+        let down_at = args.outage_at.map(|at| epoch + secs(at));
+        OutageHook {
+            cmd: args.outage_cmd.clone().filter(|_| spec.process == 0),
+            down_at,
+            up_at: down_at.map(|at| at + secs(args.outage_seconds)),
+            down: None,
+            up: None,
+            error: None,
+        }
+    }
+
+    fn next_at(&self) -> Option<Instant> {
+        match (self.down, self.up) {
+            (None, _) => self.down_at,
+            (Some(_), None) => self.up_at,
+            _ => None,
+        }
+    }
+
+    fn poll(&mut self, now: Instant) {
+        if self.down.is_none() && self.down_at.is_some_and(|at| now >= at) {
+            self.down = Some(self.run("down"));
+        }
+        if self.down.is_some() && self.up.is_none() && self.up_at.is_some_and(|at| now >= at) {
+            self.up = Some(self.run("up"));
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.down.is_some() && self.up.is_none() {
+            self.up = Some(self.run("up"));
+        }
+    }
+
+    /// Runs the command with `what`; returns when it finished (the planned time for a
+    /// process that does not run it).
+    fn run(&mut self, what: &str) -> Instant {
+        let Some(cmd) = &self.cmd else {
+            let planned = if what == "down" {
+                self.down_at
+            } else {
+                self.up_at
+            };
+            return planned.expect("an outage is planned");
+        };
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{cmd} {what}"))
+            .stdin(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                self.error
+                    .get_or_insert(format!("outage command `{cmd} {what}`: {s}"));
+            }
+            Err(e) => {
+                self.error
+                    .get_or_insert(format!("outage command `{cmd} {what}`: {e}"));
+            }
+        }
+        Instant::now()
+    }
+
+    /// (down, up, command error) once the outage happened.
+    fn result(&self) -> Option<(Instant, Instant, Option<String>)> {
+        Some((self.down?, self.up?, self.error.clone()))
+    }
 }
 
 fn merge_tick(
@@ -534,6 +653,10 @@ struct Client {
     /// Group sends wait until this instant (the node said `busy`).
     group_paused_until: Option<Instant>,
     delivered: Vec<u64>,
+    /// Arrival times of `delivered`, µs since the epoch; only with an outage.
+    delivered_at_us: Vec<u64>,
+    /// Connection attempts and logins from the outage on; only with an outage.
+    outage: DeviceOutage,
     final_sync: FinalSync,
 }
 
@@ -598,6 +721,9 @@ struct ClientThread {
     /// The phase this thread last acted on.
     phase: u8,
     next_flag_check: Instant,
+    /// With `--outage-at`: when the link is planned to go down (attempts and logins from
+    /// then on are kept per device, and every delivery's arrival time).
+    outage_down: Option<Instant>,
 }
 
 impl ClientThread {
@@ -659,6 +785,8 @@ impl ClientThread {
                 group_out: Vec::new(),
                 group_paused_until: None,
                 delivered: Vec::new(),
+                delivered_at_us: Vec::new(),
+                outage: DeviceOutage::default(),
                 final_sync: FinalSync::Pending,
             });
         }
@@ -708,6 +836,7 @@ impl ClientThread {
             window: args.window,
             phase: PHASE_RUN,
             next_flag_check: epoch,
+            outage_down: args.outage_at.map(|at| epoch + secs(at)),
             spec,
         })
     }
@@ -1047,6 +1176,7 @@ impl ClientThread {
                     msg_id: ack.msg_id,
                     from_user: client.user,
                     to: To::Group(group),
+                    intended_us: out.intended_us,
                 });
                 self.counts.acked += 1;
                 if self.phase == PHASE_RUN {
@@ -1079,6 +1209,11 @@ impl ClientThread {
                 self.error("unexpected_team_answer");
             }
         }
+    }
+
+    /// µs since the epoch.
+    fn us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
     fn error(&mut self, what: &str) {
@@ -1237,6 +1372,10 @@ impl ClientThread {
 
     fn open(&mut self, i: usize, now: Instant) {
         self.counts.connects += 1;
+        if self.outage_down.is_some_and(|down| now >= down) {
+            let us = self.us(now);
+            self.clients[i].outage.attempt(us);
+        }
         let global = self.clients[i].global;
         match self.connector.connect(global) {
             Ok(mut stream) => {
@@ -1273,6 +1412,10 @@ impl ClientThread {
             Event::Connected => {}
             Event::AuthOk { user_id, .. } => {
                 self.counts.logins += 1;
+                if self.outage_down.is_some_and(|down| now >= down) {
+                    let us = self.us(now);
+                    self.clients[i].outage.login(us);
+                }
                 let client = &mut self.clients[i];
                 client.user_id = user_id;
                 client.logged_in_once = true;
@@ -1320,8 +1463,13 @@ impl ClientThread {
             Event::Message(message) if !message.is_message() => {}
             Event::Message(message) => {
                 self.counts.delivered += 1;
+                let at_us = self.us(now);
+                let keep_times = self.outage_down.is_some();
                 let client = &mut self.clients[i];
                 client.delivered.push(message.msg_id);
+                if keep_times {
+                    client.delivered_at_us.push(at_us);
+                }
                 if message.from_id != client.user_id
                     && let Some(intended_us) = parse_stamp(&message.text, self.spec.run_tag)
                 {
@@ -1346,6 +1494,7 @@ impl ClientThread {
                         msg_id,
                         from_user: client.user,
                         to: To::User(to),
+                        intended_us,
                     });
                     self.counts.acked += 1;
                 }
@@ -1489,11 +1638,21 @@ impl ClientThread {
             .map(|c| DeviceLog {
                 client: c.global,
                 delivered: std::mem::take(&mut c.delivered),
+                delivered_at_us: std::mem::take(&mut c.delivered_at_us),
                 synced: c.final_sync == FinalSync::Done,
             })
             .collect();
+        let outages = if self.outage_down.is_some() {
+            self.clients
+                .iter_mut()
+                .map(|c| std::mem::take(&mut c.outage))
+                .collect()
+        } else {
+            Vec::new()
+        };
         ThreadOutcome {
             logs,
+            outages,
             acked: std::mem::take(&mut self.acked),
             hists: std::mem::take(&mut self.hists),
             counts: self.counts,

@@ -223,6 +223,41 @@ fn a_node_killed_and_restarted_mid_run_loses_no_acknowledged_message() {
     assert!(logins >= 200, "clients did not log in again: {logins}");
 }
 
+/// `--outage-at` runs the outage command with `down`, then `up`, at the planned times, and
+/// the report carries the outage section (tools/netem/run.sh passes a command that really
+/// takes the link down; here it only logs, so the devices keep their connections).
+#[test]
+fn an_outage_command_runs_down_then_up_and_the_report_measures_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("link.log");
+    let cmd = format!("echo >>{} ", log.display());
+    let (output, report, page) = run_loadgen(&[
+        "--clients",
+        "20",
+        "--window",
+        "1",
+        "--duration",
+        "4",
+        "--outage-at",
+        "1",
+        "--outage-seconds",
+        "1.5",
+        "--outage-cmd",
+        &cmd,
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(std::fs::read_to_string(&log).expect("log"), "down\nup\n");
+    let down = at(&report, "outage.down_at_s").as_f64().expect("seconds");
+    let up = at(&report, "outage.up_at_s").as_f64().expect("seconds");
+    // Not before the planned times (1 s, and 1.5 s later).
+    assert!(down >= 1.0 && up >= 2.5 && up > down, "down {down} up {up}");
+    assert!(at(&report, "outage.converged_seconds").is_f64());
+    assert_eq!(int(&report, "outage.devices_reconnected"), 0);
+    assert_eq!(int(&report, "outage.connect_attempts"), 0);
+    assert!(at(&report, "outage.connect_attempts_per_second").is_array());
+    assert!(page.contains("network outage"));
+}
+
 /// Closed loop at 16 sends in flight per client, the node SIGKILLed mid-run: every send
 /// acknowledged before or after the kill is delivered exactly once, in order.
 #[test]

@@ -496,12 +496,10 @@ impl<S: ClientStore> BlockingClient<S> {
 
     fn open(&mut self) {
         self.drop_stream();
-        let timeout = self
-            .session
-            .config()
-            .request_timeout
-            .max(Duration::from_millis(1));
-        let opened = TcpStream::connect_timeout(&self.server, timeout).and_then(|stream| {
+        let config = self.session.config();
+        let timeout = config.request_timeout.max(Duration::from_millis(1));
+        let connect_timeout = config.connect_timeout.max(Duration::from_millis(1));
+        let opened = TcpStream::connect_timeout(&self.server, connect_timeout).and_then(|stream| {
             // Frames are small and latency matters more than packet count; the session
             // already batches what it writes per input.
             stream.set_nodelay(true)?;

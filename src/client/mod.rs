@@ -54,6 +54,10 @@ pub const HEARTBEAT_INTERVAL_MS_MIN: u64 = 10;
 
 /// Defaults of `ClientConfig`.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 15_000;
+/// Longer than a connect over a slow, lossy link needs with a lost SYN or two (the kernel
+/// resends after 1 s, 2 s, ...), short enough that a network back from an outage is
+/// noticed within one backoff rather than at the kernel's next, minutes-apart SYN.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 pub const RECONNECT_ATTEMPTS_MAX_DEFAULT: u32 = 6;
 pub const BACKOFF_BASE_MS_DEFAULT: u64 = 500;
 pub const BACKOFF_MAX_MS_DEFAULT: u64 = 30_000;

@@ -25,8 +25,9 @@ use super::store::{ClientStore, MemoryStore, OutboxItem};
 use super::team::{self, TeamAnswer};
 use super::{
     BACKOFF_BASE_MS_DEFAULT, BACKOFF_MAX_MS_DEFAULT, BUSY_RETRY_MS_DEFAULT,
-    HEARTBEAT_INTERVAL_MS_MIN, OUTBOX_MAX, RECONNECT_ATTEMPTS_MAX_DEFAULT,
-    REQUEST_TIMEOUT_MS_DEFAULT, SENDS_IN_FLIGHT_MAX, SYNC_PAGE_LIMIT_DEFAULT,
+    CONNECT_TIMEOUT_MS_DEFAULT, HEARTBEAT_INTERVAL_MS_MIN, OUTBOX_MAX,
+    RECONNECT_ATTEMPTS_MAX_DEFAULT, REQUEST_TIMEOUT_MS_DEFAULT, SENDS_IN_FLIGHT_MAX,
+    SYNC_PAGE_LIMIT_DEFAULT,
 };
 use crate::limits::{
     CLIENT_NAME_SIZE_MAX, DEVICE_NAME_SIZE_MAX, MESSAGE_TEXT_SIZE_MAX, PASSWORD_SIZE_MAX,
@@ -55,6 +56,12 @@ pub struct ClientConfig {
     /// How long any request (hello, login, send, sync, ping) may wait for its answer before
     /// the session gives up on the connection and reconnects.
     pub request_timeout: Duration,
+    /// How long the driver may take to open the connection asked for by `Action::Connect`.
+    /// Past it the session asks for `Action::Disconnect` and counts a failed attempt, then
+    /// retries after backoff: on a network that drops packets without a word, the kernel
+    /// retries a connect for minutes, at ever longer intervals, and would notice the
+    /// network's return only at its next retry.
+    pub connect_timeout: Duration,
     /// Consecutive failed connection attempts (connect, hello or login failed) before the
     /// session gives up with `Event::Offline`. A successful login resets the count.
     pub reconnect_attempts_max: u32,
@@ -89,6 +96,7 @@ impl ClientConfig {
             token: None,
             client_name: concat!("tern-client/", env!("CARGO_PKG_VERSION")).to_owned(),
             request_timeout: Duration::from_millis(REQUEST_TIMEOUT_MS_DEFAULT),
+            connect_timeout: Duration::from_millis(CONNECT_TIMEOUT_MS_DEFAULT),
             reconnect_attempts_max: RECONNECT_ATTEMPTS_MAX_DEFAULT,
             backoff_base: Duration::from_millis(BACKOFF_BASE_MS_DEFAULT),
             backoff_max: Duration::from_millis(BACKOFF_MAX_MS_DEFAULT),
@@ -303,8 +311,11 @@ impl std::error::Error for SendError {}
 enum Phase {
     /// Not started, or closed by the app.
     Idle,
-    /// `Action::Connect` was issued; waiting for `connected` or `connect_failed`.
-    Connecting,
+    /// `Action::Connect` was issued; waiting for `connected` or `connect_failed` until
+    /// `deadline` (`ClientConfig::connect_timeout`).
+    Connecting {
+        deadline: Instant,
+    },
     AwaitHelloOk,
     AwaitLoginOk,
     Established,
@@ -537,23 +548,25 @@ impl<S: ClientStore> ClientSession<S> {
 
     /// Starts connecting (from idle or offline, resetting the failure count), or skips the
     /// rest of a backoff wait. Does nothing while a connection is up or being opened.
-    pub fn connect(&mut self, _now: Instant) {
+    pub fn connect(&mut self, now: Instant) {
         match self.phase {
             Phase::Idle | Phase::Offline | Phase::Waiting { .. } => {
                 if !matches!(self.phase, Phase::Waiting { .. }) {
                     self.failures = 0;
                 }
-                self.phase = Phase::Connecting;
-                self.actions.push_back(Action::Connect);
+                self.start_connecting(now);
             }
-            Phase::Connecting | Phase::AwaitHelloOk | Phase::AwaitLoginOk | Phase::Established => {}
+            Phase::Connecting { .. }
+            | Phase::AwaitHelloOk
+            | Phase::AwaitLoginOk
+            | Phase::Established => {}
         }
     }
 
     /// Stops the session for good (until `connect`): closes any connection, stops
     /// reconnecting. The outbox is kept. No event.
     pub fn close(&mut self, _now: Instant) {
-        if self.phase.has_connection() || self.phase == Phase::Connecting {
+        if self.phase.has_connection() || self.is_connecting() {
             self.actions.push_back(Action::Disconnect);
         }
         self.reset_connection();
@@ -562,7 +575,7 @@ impl<S: ClientStore> ClientSession<S> {
 
     /// The connection asked for by `Action::Connect` is up.
     pub fn connected(&mut self, now: Instant) {
-        if self.phase != Phase::Connecting {
+        if !self.is_connecting() {
             return;
         }
         self.phase = Phase::AwaitHelloOk;
@@ -577,7 +590,7 @@ impl<S: ClientStore> ClientSession<S> {
 
     /// The connection asked for by `Action::Connect` could not be opened.
     pub fn connect_failed(&mut self, now: Instant) {
-        if self.phase != Phase::Connecting {
+        if !self.is_connecting() {
             return;
         }
         self.end_connection(now, false, "connect failed", After::Retry);
@@ -585,7 +598,7 @@ impl<S: ClientStore> ClientSession<S> {
 
     /// The connection was closed by the node or the network (EOF, reset, write error).
     pub fn closed(&mut self, now: Instant) {
-        if !(self.phase.has_connection() || self.phase == Phase::Connecting) {
+        if !(self.phase.has_connection() || self.is_connecting()) {
             return;
         }
         self.end_connection(now, false, "connection closed", After::Retry);
@@ -614,15 +627,24 @@ impl<S: ClientStore> ClientSession<S> {
         self.after_input(now);
     }
 
-    /// Time passed: reconnect after backoff, request timeouts, heartbeats, the end of a
-    /// `busy` pause. Call it when `next_timeout` is reached (calling it early is harmless).
+    /// Time passed: reconnect after backoff, connect and request timeouts, heartbeats, the
+    /// end of a `busy` pause. Call it when `next_timeout` is reached (calling it early is
+    /// harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Phase::Waiting { until } = self.phase {
-            if now >= until {
-                self.phase = Phase::Connecting;
-                self.actions.push_back(Action::Connect);
+        match self.phase {
+            Phase::Waiting { until } => {
+                if now >= until {
+                    self.start_connecting(now);
+                }
+                return;
             }
-            return;
+            Phase::Connecting { deadline } => {
+                if now >= deadline {
+                    self.end_connection(now, true, "connect timed out", After::Retry);
+                }
+                return;
+            }
+            _ => {}
         }
         if !self.phase.has_connection() {
             return;
@@ -758,10 +780,11 @@ impl<S: ClientStore> ClientSession<S> {
     }
 
     /// When `handle_timeout` should be called next; None when nothing is scheduled (idle,
-    /// offline, or waiting on the driver to connect).
+    /// offline).
     pub fn next_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::Waiting { until } => Some(until),
+            Phase::Connecting { deadline } => Some(deadline),
             Phase::AwaitHelloOk | Phase::AwaitLoginOk | Phase::Established => {
                 let deadlines = self.pending.values().map(|p| p.deadline);
                 deadlines
@@ -769,7 +792,7 @@ impl<S: ClientStore> ClientSession<S> {
                     .chain(self.outbox_paused_until)
                     .min()
             }
-            Phase::Idle | Phase::Connecting | Phase::Offline => None,
+            Phase::Idle | Phase::Offline => None,
         }
     }
 
@@ -1452,10 +1475,7 @@ impl<S: ClientStore> ClientSession<S> {
                 self.phase = Phase::Offline;
                 self.events.push_back(Event::Offline);
             }
-            After::RetryNow => {
-                self.phase = Phase::Connecting;
-                self.actions.push_back(Action::Connect);
-            }
+            After::RetryNow => self.start_connecting(now),
             After::Retry if was_established => {
                 // Losing a working connection is not a failed attempt; come back soon,
                 // jittered so a node restart does not bring every device back at once.
@@ -1481,6 +1501,18 @@ impl<S: ClientStore> ClientSession<S> {
                 }
             }
         }
+    }
+
+    /// Asks the driver for a connection, due by `now + connect_timeout`.
+    fn start_connecting(&mut self, now: Instant) {
+        self.phase = Phase::Connecting {
+            deadline: now + self.config.connect_timeout,
+        };
+        self.actions.push_back(Action::Connect);
+    }
+
+    fn is_connecting(&self) -> bool {
+        matches!(self.phase, Phase::Connecting { .. })
     }
 
     /// Delay before attempt `attempt + 1` after `attempt` consecutive failures (>= 1).

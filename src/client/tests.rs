@@ -15,6 +15,7 @@ use crate::protocol::{
 
 const HEARTBEAT_MS: u32 = 1_000;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A frame the session wrote, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,7 @@ fn config() -> ClientConfig {
         .with_password("secret")
         .with_seed(42);
     config.request_timeout = REQUEST_TIMEOUT;
+    config.connect_timeout = CONNECT_TIMEOUT;
     config.backoff_base = Duration::from_millis(100);
     config.backoff_max = Duration::from_secs(10);
     config.busy_retry = Duration::from_millis(200);
@@ -958,6 +960,49 @@ fn handshake_timeout_counts_as_a_failed_attempt() {
             will_retry: true
         }
     );
+}
+
+/// A connect the driver never completes (its SYNs go into a network that drops every
+/// packet) ends at the connect timeout as a failed attempt and is retried after backoff,
+/// rather than waiting out the kernel's own retries, which grow to minutes apart: a device
+/// notices a network back from an outage within one backoff.
+#[test]
+fn a_connect_that_never_completes_times_out_and_is_retried_after_backoff() {
+    let mut h = Harness::new(config(), MemoryStore::new());
+    h.session.connect(h.now);
+    assert_eq!(h.actions(), vec![Action::Connect]);
+    let deadline = h
+        .session
+        .next_timeout()
+        .expect("the connect has a deadline");
+    assert_eq!(deadline, h.now + CONNECT_TIMEOUT);
+    h.session
+        .handle_timeout(deadline - Duration::from_millis(1));
+    assert!(h.actions().is_empty(), "not before the deadline");
+    h.now = deadline;
+    h.session.handle_timeout(h.now);
+    assert_eq!(h.actions(), vec![Action::Disconnect]);
+    assert_eq!(
+        h.events(),
+        vec![Event::ConnectFailed {
+            attempt: 1,
+            will_retry: true
+        }]
+    );
+    let at = h.session.next_timeout().expect("a retry is scheduled");
+    assert!(
+        at > h.now && at <= h.now + Duration::from_millis(100),
+        "first backoff"
+    );
+    // The abandoned connect completing late changes nothing.
+    h.session.connected(h.now);
+    assert!(h.sent().is_empty());
+    assert!(h.events().is_empty());
+    h.now = at;
+    h.session.handle_timeout(h.now);
+    assert_eq!(h.actions(), vec![Action::Connect]);
+    h.session.connected(h.now);
+    assert!(matches!(h.sent().as_slice(), [(_, Out::Hello(_))]));
 }
 
 #[test]
