@@ -346,6 +346,12 @@ fn check(data: &std::path::Path) -> Result<(), String> {
         "bad_files": audit.bad_files,
         "journal_entries": audit.journal_entries,
         "problems": audit.details,
+        "tables": audit.tables.iter().map(|t| (t.name.to_owned(), serde_json::json!({
+            "entries": t.entries,
+            "leaf_pages": t.leaf_pages,
+            "branch_pages": t.branch_pages,
+            "overflow_pages": t.overflow_pages,
+        }))).collect::<serde_json::Map<String, serde_json::Value>>(),
     });
     println!("{line}");
     if audit.is_clean() {

@@ -39,6 +39,18 @@ pub struct Audit {
     pub journal_entries: u64,
     /// The first problems found, one line each (at most `AUDIT_DETAILS_MAX`).
     pub details: Vec<String>,
+    /// Size of each table: where the store's bytes go.
+    pub tables: Vec<TableStat>,
+}
+
+/// One table's entries and pages (LMDB's `mdb_stat`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableStat {
+    pub name: &'static str,
+    pub entries: u64,
+    pub leaf_pages: u64,
+    pub branch_pages: u64,
+    pub overflow_pages: u64,
 }
 
 impl Audit {
@@ -82,6 +94,16 @@ impl Store {
             super::conversations::audit_unread(txn, dbs, user, &mut audit)?;
         }
         super::files::audit_blobs(txn, dbs, self.files_dir(), &mut audit)?;
+        for (name, db) in dbs.named() {
+            let stat = db.stat(txn).map_err(StoreError::lmdb("table stat"))?;
+            audit.tables.push(TableStat {
+                name,
+                entries: stat.entries as u64,
+                leaf_pages: stat.leaf_pages as u64,
+                branch_pages: stat.branch_pages as u64,
+                overflow_pages: stat.overflow_pages as u64,
+            });
+        }
         Ok(audit)
     }
 }

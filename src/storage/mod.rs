@@ -35,7 +35,7 @@ use std::sync::Arc;
 use heed::{EnvFlags, EnvOpenOptions, WithoutTls};
 
 pub use account::{AccountChange, AccountOp, Revoked};
-pub use audit::Audit;
+pub use audit::{Audit, TableStat};
 pub use bulk::{BULK_USERS_MAX, BulkUsers};
 pub use error::StoreError;
 pub use files::{FileMeta, blob_path, upload_path};

@@ -100,6 +100,33 @@ pub(crate) struct Dbs {
     pub journal: Db,
 }
 
+impl Dbs {
+    /// Every table with its name, in the order of the layout above.
+    pub(crate) fn named(&self) -> [(&'static str, Db); 19] {
+        [
+            ("meta", self.meta),
+            ("users", self.users),
+            ("user_names", self.user_names),
+            ("messages", self.messages),
+            ("timelines", self.timelines),
+            ("heads", self.heads),
+            ("dedup", self.dedup),
+            ("device_acks", self.device_acks),
+            ("groups", self.groups),
+            ("members", self.members),
+            ("user_groups", self.user_groups),
+            ("conv_entries", self.conv_entries),
+            ("convs", self.convs),
+            ("conv_recent", self.conv_recent),
+            ("delivered", self.delivered),
+            ("files", self.files),
+            ("file_shares", self.file_shares),
+            ("file_usage", self.file_usage),
+            ("journal", self.journal),
+        ]
+    }
+}
+
 /// Creates (or opens) every database and records the schema version, in one transaction.
 pub(crate) fn create(env: &Env<WithoutTls>) -> Result<Dbs, StoreError> {
     let wtxn = env
