@@ -157,8 +157,10 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: rc == 0, so statvfs64 filled the struct.
     let stat = unsafe { stat.assume_init() };
-    // f_frsize is a c_ulong: 32 bits on armv7.
-    Ok(stat.f_bavail.saturating_mul(u64::from(stat.f_frsize)))
+    // f_frsize is a c_ulong: 32 bits on armv7, where this conversion is not useless.
+    #[allow(clippy::useless_conversion)]
+    let frsize = u64::from(stat.f_frsize);
+    Ok(stat.f_bavail.saturating_mul(frsize))
 }
 
 #[cfg(test)]
