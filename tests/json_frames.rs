@@ -1120,7 +1120,7 @@ fn mutate(rng: &mut Rng, text: &str) -> Vec<u8> {
 #[test]
 fn arbitrary_texts_never_panic_and_what_translates_round_trips() {
     let seeds: Vec<String> = samples().iter().map(|f| to_json(f)).collect();
-    let mut rng = Rng(0x7e57_0f_7e57);
+    let mut rng = Rng(0x7e57_0f7e_57a1);
     let mut accepted = 0;
     for round in 0..20_000 {
         let seed = &seeds[round % seeds.len()];
