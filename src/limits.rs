@@ -34,6 +34,21 @@ pub const ENTRY_ENVELOPE_SIZE: usize = 16;
 pub const SYNC_PAGE_BYTES_MAX: usize =
     FRAME_SIZE_MAX - 1024 - SYNC_PAGE_ENTRIES_MAX as usize * ENTRY_ENVELOPE_SIZE;
 
+/// Longest JSON text (one WebSocket text frame) a client may send for one frame
+/// (`protocol::json`). Twice `FRAME_SIZE_MAX`: room for the largest frames a client sends in
+/// JSON, a full `UploadChunk` (base64 makes its data 4/3 as long) and a `Send` whose text
+/// is all escaped control characters (6 bytes each). Longer texts are refused before they
+/// are parsed. Parsing holds a tree of at most ~16 B per input byte (2 MiB) while one text
+/// is translated.
+pub const JSON_TEXT_SIZE_MAX: usize = 2 * FRAME_SIZE_MAX;
+/// Deepest nesting of arrays and objects in a client's JSON text. The deepest form is 6
+/// (a push: object, entries, entry, record, attachments, attachment); the bound keeps the
+/// parser's recursion short.
+pub const JSON_DEPTH_MAX: usize = 8;
+/// Most keys in one JSON object: the widest form (`FileSend` with `kind` and
+/// `request_id`) has 12. Keeps the duplicate-key check linear per object cheap.
+pub const JSON_OBJECT_KEYS_MAX: usize = 16;
+
 /// Per-connection write backlog (bytes queued but not yet taken by the kernel). A connection
 /// over it is closed; its device resyncs from the timeline on reconnect. 256 KiB × 10k
 /// stalled readers would be 2.5 GiB, but only stalled readers hold any of it. Output the
@@ -270,6 +285,8 @@ const _: () = assert!(LOGIN_HASH_THREADS >= 1 && LOGIN_HASH_QUEUE_MAX >= LOGIN_H
 const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_BASE <= LOGIN_THROTTLE_DELAY_MS_MAX);
 const _: () = assert!(LOGIN_THROTTLE_DELAY_MS_MAX < LOGIN_THROTTLE_FORGET_MS);
 const _: () = assert!(USER_FILES_BYTES_MAX <= NODE_FILES_BYTES_MAX);
+const _: () = assert!(FILE_CHUNK_SIZE_MAX.div_ceil(3) * 4 + 4096 <= JSON_TEXT_SIZE_MAX);
+const _: () = assert!(6 * MESSAGE_TEXT_SIZE_MAX + 4096 <= JSON_TEXT_SIZE_MAX);
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ mod account;
 mod codec;
 mod error;
 mod files;
+pub mod json;
 mod messages;
 mod presence;
 mod team;
