@@ -17,11 +17,30 @@ pub struct Account {
     /// Device name; a second login of the same device replaces the first.
     #[arg(long, default_value = "cli")]
     pub device: String,
+    /// Speak TLS to the node, trusting only the CA certificate(s) in --ca.
+    #[arg(long, requires = "ca")]
+    pub tls: bool,
+    /// PEM file of the CA to pin (`ca.pem` from `tern cert generate`).
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Name the node's certificate must carry (default: the --server IP address).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub tls_name: Option<String>,
 }
 
 pub fn connect(account: &Account) -> Result<BlockingClient, String> {
     let config = ClientConfig::new(&account.user, &account.device).with_password(&account.password);
     let mut client = BlockingClient::new(account.server, config);
+    if account.tls {
+        let ca = account
+            .ca
+            .as_deref()
+            .expect("clap requires --ca with --tls");
+        let tls = tern::transport::tls::client_config(ca).map_err(|e| e.to_string())?;
+        let name = tern::transport::tls::server_name(account.tls_name.as_deref(), account.server)
+            .map_err(|e| e.to_string())?;
+        client = client.with_tls(tls, name);
+    }
     client.connect().map_err(|e| describe(account.server, e))?;
     Ok(client)
 }

@@ -12,3 +12,4 @@ pub mod routing;
 pub mod session;
 pub mod shard;
 pub mod storage;
+pub mod transport;

@@ -100,6 +100,15 @@ pub const HEARTBEAT_COALESCE_QUIET_MS: u64 = 100;
 /// Time a new connection has to say hello and log in.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
+/// TLS 1.3 resumption tickets the node sends after each handshake (full or resumed). One
+/// is enough for a phone's next reconnect (each handshake brings a fresh one); a second
+/// covers a reconnect racing the first. Each costs ~200 B on the wire and one ticket
+/// encryption; the node keeps no state per ticket (stateless tickets).
+pub const TLS_TICKETS_PER_HANDSHAKE: usize = 2;
+/// Sessions (tickets) a client process keeps for resumption, over every node it talks to.
+/// Each costs ~1 KiB (ticket, secret, the server's certificate chain shared by `Arc`).
+pub const TLS_CLIENT_SESSIONS_MAX: usize = 256;
+
 /// Default heartbeat interval the node announces in HelloOk.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u32 = 30_000;
 /// A connection silent for this many heartbeat intervals (in tenths) is closed.

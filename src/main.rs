@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use tern::io::probe::{IoRequest, probe_uring, select};
 use tern::limits::{HEARTBEAT_INTERVAL_MS_DEFAULT, JOURNAL_APPLY_INTERVAL_MS};
-use tern::node::{Node, NodeConfig, prepare_fd_table};
+use tern::node::{Node, NodeConfig, TlsMode, TlsSettings, prepare_fd_table};
 use tern::storage::{Durability, Store, StoreConfig, StoreError};
 
 #[global_allocator]
@@ -58,6 +58,16 @@ struct ServeArgs {
     /// commit.
     #[arg(long, default_value_t = JOURNAL_APPLY_INTERVAL_MS)]
     journal_interval_ms: u64,
+    /// PEM certificate chain (server first). With --tls-key, the --listen port speaks only
+    /// TLS, unless --tls-listen names a TLS port of its own.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A TLS port beside the plain --listen port.
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    tls_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -178,6 +188,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// TLS certificates for a node without a public name.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// Mark a conversation read up to a timeline seq.
     Read {
         #[command(flatten)]
@@ -185,6 +200,19 @@ enum Command {
         /// Conversation id (as printed by `tern conversations`).
         conv: u64,
         up_to_seq: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Write a private CA (ca.pem, ca.key) and a server certificate signed by it
+    /// (server.pem, server.key) into --out; clients pin ca.pem (`--tls --ca`).
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+        /// A host name or IP address clients use to reach the node (repeat for more).
+        #[arg(long = "name", value_name = "HOST", required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -299,6 +327,9 @@ fn main() -> ExitCode {
             conv,
             up_to_seq,
         } => cli_team::read(&account, conv, up_to_seq),
+        Command::Cert {
+            command: CertCommand::Generate { out, names },
+        } => cert_generate(&out, &names),
         Command::Presence {
             account,
             users,
@@ -361,6 +392,20 @@ fn check(data: &std::path::Path) -> Result<(), String> {
     }
 }
 
+fn cert_generate(out: &std::path::Path, names: &[String]) -> Result<(), String> {
+    let files = tern::transport::cert::generate(out, names).map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "ca_cert": files.ca_cert.display().to_string(),
+            "ca_key": files.ca_key.display().to_string(),
+            "server_cert": files.server_cert.display().to_string(),
+            "server_key": files.server_key.display().to_string(),
+        })
+    );
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     let ServeArgs {
         data,
@@ -372,6 +417,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         io,
         heartbeat_coalescing,
         journal_interval_ms,
+        tls_cert,
+        tls_key,
+        tls_listen,
     } = args;
     if heartbeat_ms < 10 {
         return Err("--heartbeat-ms must be at least 10".into());
@@ -380,6 +428,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         IoArg::Auto => IoRequest::Auto,
         IoArg::Epoll => IoRequest::Epoll,
         IoArg::Uring => IoRequest::Uring,
+    };
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => Some(TlsSettings {
+            config: tern::transport::tls::server_config(&cert, &key).map_err(|e| e.to_string())?,
+            mode: match tls_listen {
+                Some(addr) => TlsMode::Beside(addr),
+                None => TlsMode::Only,
+            },
+        }),
+        _ => None,
     };
     let io = select(request, probe_uring)?;
     eprintln!("{}", io.log_line);
@@ -392,6 +450,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let config = NodeConfig {
         data_dir: data.clone(),
         listen,
+        tls: tls.clone(),
         shards,
         durability: match durability {
             DurabilityArg::Fsync => Durability::Fsync,
@@ -416,6 +475,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         data.display(),
         fd_limit
     );
+    // After the ready line, whose format scripts and tests rely on.
+    match (&tls, node.tls_addr()) {
+        (Some(_), Some(addr)) => println!("tern tls listening on {addr}"),
+        (Some(_), None) => println!("tern tls only on {}", node.local_addr()),
+        (None, _) => {}
+    }
     let _ = std::io::stdout().flush();
     let signal = loop {
         let signal = wait_for_signal(&signals);

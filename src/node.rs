@@ -1,7 +1,8 @@
 //! Starting and stopping a node: data folder, store, writer, shard threads.
 //!
 //! This is the only code that spawns the node's threads. It binds one SO_REUSEPORT
-//! listener per shard on the same address, so the kernel spreads connections over shards.
+//! listener per shard and per listening address (the native port, and a TLS port beside
+//! it when asked), so the kernel spreads connections over shards.
 
 use std::fs::File;
 use std::io;
@@ -18,7 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::auth::TokenKey;
 use crate::ids::ShardId;
 use crate::io::epoll::EpollBackend;
-use crate::io::{Backend, BackendStats, IoKind, StatsCell};
+use crate::io::{Backend, BackendStats, IoKind, ListenerIndex, StatsCell};
 use crate::limits::{SHARD_MAILBOX_MAX, SHARDS_MAX};
 use crate::routing::Directory;
 use crate::session::SessionConfig;
@@ -26,6 +27,7 @@ use crate::shard::login::HashPool;
 use crate::shard::mailbox::{Mailbox, Router};
 use crate::shard::{Shard, ShardContext, ShardStats};
 use crate::storage::{Durability, Store, StoreConfig, WriterStats, spawn_writer};
+use crate::transport::ListenerKind;
 
 /// Pending connections per listener.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -33,7 +35,10 @@ const LISTEN_BACKLOG: i32 = 4096;
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
+    /// The native port: plain, or TLS-only when `tls` says `TlsMode::Only`.
     pub listen: SocketAddr,
+    /// TLS settings, if the node speaks TLS at all.
+    pub tls: Option<TlsSettings>,
     pub shards: usize,
     pub durability: Durability,
     pub heartbeat_interval_ms: u32,
@@ -44,6 +49,22 @@ pub struct NodeConfig {
     pub map_size: Option<usize>,
     /// See `StoreConfig::journal_interval_ms`.
     pub journal_interval_ms: u64,
+}
+
+/// How a node serves TLS.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Certificate, key and tickets (`transport::tls::server_config`).
+    pub config: Arc<rustls::ServerConfig>,
+    pub mode: TlsMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// The native port speaks only TLS (`serve --tls-cert --tls-key`).
+    Only,
+    /// The native port stays plain and a TLS port listens here too (`--tls-listen`).
+    Beside(SocketAddr),
 }
 
 #[derive(Debug)]
@@ -83,6 +104,8 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> NodeError {
 
 pub struct Node {
     addr: SocketAddr,
+    /// The TLS port beside the native one (`TlsMode::Beside`).
+    tls_addr: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     mailboxes: Arc<[Mailbox]>,
     shards: Vec<JoinHandle<io::Result<ShardStats>>>,
@@ -118,19 +141,44 @@ impl Node {
             TokenKey::load_or_create(&config.data_dir).map_err(io_err("load node secret"))?,
         );
 
+        // Every shard listens on the same addresses, in this order (`ListenerIndex`).
+        let mut listen: Vec<(SocketAddr, ListenerKind)> = match &config.tls {
+            None => vec![(config.listen, ListenerKind::Plain)],
+            Some(TlsSettings {
+                mode: TlsMode::Only,
+                ..
+            }) => vec![(config.listen, ListenerKind::Tls)],
+            Some(TlsSettings {
+                mode: TlsMode::Beside(tls_addr),
+                ..
+            }) => vec![
+                (config.listen, ListenerKind::Plain),
+                (*tls_addr, ListenerKind::Tls),
+            ],
+        };
+        let listener_kinds: Arc<[ListenerKind]> = listen.iter().map(|&(_, kind)| kind).collect();
         let mut backends: Vec<Box<dyn Backend + Send>> = Vec::with_capacity(config.shards);
         let mut stats_cells = Vec::with_capacity(config.shards);
-        let mut addr = config.listen;
         for _ in 0..config.shards {
-            let listener = bind_reuseport(addr).map_err(io_err("bind listener"))?;
-            // Port 0 resolves on the first bind; the other shards join that port.
-            addr = listener
-                .local_addr()
-                .map_err(io_err("read listener address"))?;
+            let mut listeners = Vec::with_capacity(listen.len());
+            for (addr, _) in listen.iter_mut() {
+                let listener = bind_reuseport(*addr).map_err(io_err("bind listener"))?;
+                // Port 0 resolves on the first bind; the other shards join that port.
+                *addr = listener
+                    .local_addr()
+                    .map_err(io_err("read listener address"))?;
+                listeners.push(listener);
+            }
             let cell = Arc::new(StatsCell::default());
             stats_cells.push(cell.clone());
-            backends.push(new_backend(config.io, listener, cell)?);
+            backends.push(new_backend(config.io, listeners, cell)?);
         }
+        debug_assert!(
+            backends[0].local_addr(ListenerIndex(0)).ok() == Some(listen[0].0),
+            "listener order is the ListenerIndex order"
+        );
+        let addr = listen[0].0;
+        let tls_addr = listen.get(1).map(|&(addr, _)| addr);
         let mailboxes: Arc<[Mailbox]> = backends
             .iter()
             .map(|b| Mailbox::new(SHARD_MAILBOX_MAX, b.waker()))
@@ -155,6 +203,8 @@ impl Node {
                 node_name: format!("tern {}", env!("CARGO_PKG_VERSION")),
             }),
             heartbeat_coalescing: config.heartbeat_coalescing,
+            listeners: listener_kinds,
+            tls: config.tls.as_ref().map(|t| t.config.clone()),
             stop: stop.clone(),
         };
         let mut shards = Vec::with_capacity(config.shards);
@@ -173,6 +223,7 @@ impl Node {
         drop(ctx);
         Ok(Node {
             addr,
+            tls_addr,
             stop,
             mailboxes,
             shards,
@@ -185,8 +236,14 @@ impl Node {
         })
     }
 
+    /// The native port's address (TLS-only under `TlsMode::Only`).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The TLS port beside the native one, under `TlsMode::Beside`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn io(&self) -> IoKind {
@@ -258,16 +315,16 @@ impl Node {
 
 fn new_backend(
     io: IoKind,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     cell: Arc<StatsCell>,
 ) -> Result<Box<dyn Backend + Send>, NodeError> {
     match io {
         IoKind::Epoll => Ok(Box::new(
-            EpollBackend::new(listener, cell).map_err(io_err("create epoll loop"))?,
+            EpollBackend::new(listeners, cell).map_err(io_err("create epoll loop"))?,
         )),
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         IoKind::Uring => Ok(Box::new(
-            crate::io::uring::UringBackend::new(listener, cell)
+            crate::io::uring::UringBackend::new(listeners, cell)
                 .map_err(io_err("create io_uring loop"))?,
         )),
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]

@@ -460,7 +460,7 @@ fn pipelined_syncs_of_full_pages_are_cut_at_the_output_bound(io: Io) {
     assert_timeline(&laptop.sync_all(0).expect("bob's timeline"), &sent);
 }
 
-io_tests!(
+plain_io_tests!(
     a_device_that_never_reads_is_cut_at_its_backlog_bound_and_resyncs,
     pipelined_requests_are_each_answered_once_or_cut_at_the_output_bound,
     pipelined_syncs_of_full_pages_are_cut_at_the_output_bound,

@@ -14,7 +14,7 @@ use tern::protocol::{ArchivedKicked, Credential, ErrorCode, Kind, access};
 const PASSWORD: &str = "pw-account";
 
 fn login(node: &TestNode, device: &str, credential: Credential) -> Result<RawConn, u16> {
-    let mut conn = RawConn::connect(node.addr);
+    let mut conn = node.raw();
     match conn.try_login("alice", device, credential) {
         Ok(_) => Ok(conn),
         Err((code, _)) => Err(code),
@@ -22,7 +22,7 @@ fn login(node: &TestNode, device: &str, credential: Credential) -> Result<RawCon
 }
 
 fn token(node: &TestNode, device: &str) -> (RawConn, String) {
-    let mut conn = RawConn::connect(node.addr);
+    let mut conn = node.raw();
     let ok = conn
         .try_login("alice", device, Credential::Password(PASSWORD.into()))
         .expect("password login");
@@ -31,7 +31,7 @@ fn token(node: &TestNode, device: &str) -> (RawConn, String) {
 
 fn client(node: &TestNode, device: &str, password: &str) -> BlockingClient {
     let config = ClientConfig::new("alice", device).with_password(password);
-    let mut client = BlockingClient::new(node.addr, config);
+    let mut client = node.client(config);
     client.connect().expect("connect");
     client
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Io, TestNode};
-use tern::client::{BlockingClient, ClientConfig};
+use tern::client::ClientConfig;
 
 const PASSWORD: &str = "pw-admin";
 
@@ -22,11 +22,11 @@ fn add_bulk(node: &TestNode, prefix: &str, extra: &[&str]) -> std::process::Outp
 /// alice logs in with her password, sends to bob, and bob syncs it: the node serves.
 fn serves(node: &TestNode, text: &str) {
     let config = ClientConfig::new("alice", "phone").with_password(PASSWORD);
-    let mut alice = BlockingClient::new(node.addr, config);
+    let mut alice = node.client(config);
     alice.connect().expect("alice logs in");
     alice.send("bob", text).expect("send");
     let config = ClientConfig::new("bob", "phone").with_password(PASSWORD);
-    let mut bob = BlockingClient::new(node.addr, config);
+    let mut bob = node.client(config);
     bob.connect().expect("bob logs in");
     let entries = bob.sync_all(0).expect("sync");
     assert!(entries.iter().any(|e| e.text == text), "bob has {text:?}");
@@ -58,7 +58,7 @@ fn user_tools_beside_a_running_node_never_stop_it(io: Io) {
     );
     serves(&node, "after a tool grew the map");
     let config = ClientConfig::new("y19999", "phone").with_password(PASSWORD);
-    let mut newcomer = BlockingClient::new(node.addr, config);
+    let mut newcomer = node.client(config);
     newcomer.connect().expect("a bulk user logs in");
     newcomer.send("alice", "hi").expect("and sends");
 }

@@ -58,15 +58,15 @@ fn hostile_clients_are_cut_off_while_others_are_served(io: Io) {
     node.add_user("alice", "pw-a");
     node.add_user("bob", "pw-b");
 
-    let mut bob = RawConn::connect(node.addr);
+    let mut bob = node.raw();
     bob.login("bob", "pw-b", "phone");
-    let mut alice = RawConn::connect(node.addr);
+    let mut alice = node.raw();
     alice.login("alice", "pw-a", "phone");
     send_frame(&mut alice, 10, "bob", 1, "before the attacks");
     let (first_msg, _) = expect_ack(&mut alice, 10);
 
     // Random bytes.
-    let mut attacker = RawConn::connect(node.addr);
+    let mut attacker = node.raw();
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
         .collect();
@@ -74,14 +74,14 @@ fn hostile_clients_are_cut_off_while_others_are_served(io: Io) {
     assert_refused(&mut attacker, ErrorCode::MalformedFrame);
 
     // A length prefix far over the frame limit.
-    let mut attacker = RawConn::connect(node.addr);
+    let mut attacker = node.raw();
     let mut huge = (1u32 << 30).to_le_bytes().to_vec();
     huge.extend_from_slice(&[Kind::Hello as u8, 0, 0, 0, 1, 0, 0, 0]);
     attacker.write_bytes(&huge);
     assert_refused(&mut attacker, ErrorCode::MalformedFrame);
 
     // A valid header over a corrupt archive, from a logged-in client.
-    let mut attacker = RawConn::connect(node.addr);
+    let mut attacker = node.raw();
     attacker.login("alice", "pw-a", "laptop");
     let mut frame = Vec::new();
     encode(
@@ -102,19 +102,19 @@ fn hostile_clients_are_cut_off_while_others_are_served(io: Io) {
     assert_refused(&mut attacker, ErrorCode::MalformedFrame);
 
     // A send before login.
-    let mut attacker = RawConn::connect(node.addr);
+    let mut attacker = node.raw();
     attacker.hello();
     send_frame(&mut attacker, 4, "bob", 3, "sneaky");
     assert_refused(&mut attacker, ErrorCode::NotAuthenticated);
 
     // A server-only frame kind from a client.
-    let mut attacker = RawConn::connect(node.addr);
+    let mut attacker = node.raw();
     attacker.hello();
     attacker.send(Kind::Push, 0, &Push { entries: vec![] });
     assert_refused(&mut attacker, ErrorCode::NotAuthenticated);
 
     // A wrong password.
-    let mut attacker = RawConn::connect(node.addr);
+    let mut attacker = node.raw();
     attacker.hello();
     attacker.send(
         Kind::Login,
@@ -166,7 +166,7 @@ fn oversized_text_is_refused_but_the_connection_stays(io: Io) {
     let node = TestNode::start(io, &["--shards", "1"]);
     node.add_user("alice", "pw-a");
     node.add_user("bob", "pw-b");
-    let mut alice = RawConn::connect(node.addr);
+    let mut alice = node.raw();
     alice.login("alice", "pw-a", "phone");
     let text = "x".repeat(tern::limits::MESSAGE_TEXT_SIZE_MAX + 1);
     send_frame(&mut alice, 5, "bob", 1, &text);

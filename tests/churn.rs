@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use common::{Io, RawConn, TestNode, wait_until};
+use common::{Io, TestNode, wait_until};
 use tern::protocol::*;
 
 const CONNECTIONS: usize = 3000;
@@ -120,7 +120,7 @@ fn churn_leaves_no_slots_buffers_or_backlog(io: Io) {
     assert_eq!(stats["read_buffers_held"], 0, "{stats:?}");
 
     // And the node still serves.
-    let mut conn = RawConn::connect(node.addr);
+    let mut conn = node.raw();
     conn.hello();
 }
 

@@ -17,7 +17,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn device(node: &TestNode, user: &str, device: &str) -> BlockingClient {
     let config = ClientConfig::new(user, device).with_password(PASSWORD);
-    let mut client = BlockingClient::new(node.addr, config);
+    let mut client = node.client(config);
     client.connect().expect("connect");
     client
 }

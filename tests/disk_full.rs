@@ -219,4 +219,4 @@ fn a_full_disk_refuses_new_content_keeps_serving_and_recovers(io: Io) {
     drop(node);
 }
 
-io_tests!(a_full_disk_refuses_new_content_keeps_serving_and_recovers);
+plain_io_tests!(a_full_disk_refuses_new_content_keeps_serving_and_recovers);

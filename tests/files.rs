@@ -15,7 +15,7 @@ const PASSWORD: &str = "pw-files";
 
 fn device(node: &TestNode, user: &str, device: &str) -> BlockingClient {
     let config = ClientConfig::new(user, device).with_password(PASSWORD);
-    let mut client = BlockingClient::new(node.addr, config);
+    let mut client = node.client(config);
     client.connect().expect("connect");
     client
 }
@@ -303,7 +303,8 @@ fn tern_download(node: &TestNode, file_id: u64, out: &std::path::Path) -> std::p
         .arg(file_id.to_string())
         .arg("--out")
         .arg(out)
-        .args(["--server", &node.addr.to_string(), "--user", "bob"])
+        .args(node.cli_server_args())
+        .args(["--user", "bob"])
         .args(["--password", PASSWORD])
         .output()
         .expect("run tern download")

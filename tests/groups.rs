@@ -33,7 +33,7 @@ fn add_users(node: &TestNode, count: usize) {
 
 fn device(node: &TestNode, user: &str, device: &str) -> BlockingClient {
     let config = ClientConfig::new(user, device).with_password(PASSWORD);
-    let mut client = BlockingClient::new(node.addr, config);
+    let mut client = node.client(config);
     client.connect().expect("connect");
     client
 }

@@ -12,9 +12,9 @@ fn silent_client_is_closed_and_heartbeating_one_is_not(io: Io) {
     // 200 ms interval: the node closes connections silent for 500 ms.
     let node = TestNode::start(io, &["--heartbeat-ms", "200", "--shards", "1"]);
     node.add_user("alice", "pw");
-    let mut silent = RawConn::connect(node.addr);
+    let mut silent = node.raw();
     silent.login("alice", "pw", "silent");
-    let mut beating = RawConn::connect(node.addr);
+    let mut beating = node.raw();
     beating.login("alice", "pw", "beating");
 
     let start = Instant::now();
@@ -48,7 +48,7 @@ fn silent_client_is_closed_and_heartbeating_one_is_not(io: Io) {
 
 fn connection_that_never_logs_in_is_closed_at_the_handshake_deadline(io: Io) {
     let node = TestNode::start(io, &["--shards", "1"]);
-    let mut idle = RawConn::connect(node.addr);
+    let mut idle = node.raw();
     let frames = idle
         .read_until_closed(Duration::from_millis(
             tern::limits::HANDSHAKE_TIMEOUT_MS + 5_000,
@@ -61,11 +61,11 @@ fn connection_that_never_logs_in_is_closed_at_the_handshake_deadline(io: Io) {
 fn duplicate_device_login_kicks_the_older_connection(io: Io) {
     let node = TestNode::start(io, &["--shards", "2"]);
     node.add_user("alice", "pw");
-    let mut first = RawConn::connect(node.addr);
+    let mut first = node.raw();
     first.login("alice", "pw", "phone");
-    let mut other_device = RawConn::connect(node.addr);
+    let mut other_device = node.raw();
     other_device.login("alice", "pw", "laptop");
-    let mut second = RawConn::connect(node.addr);
+    let mut second = node.raw();
     second.login("alice", "pw", "phone");
 
     let frames = first
@@ -104,9 +104,9 @@ fn serve_through_quiet_spells(io: Io, extra: &[&str]) {
     let node = TestNode::start(io, &args);
     node.add_user("alice", "pw");
     node.add_user("bob", "pw");
-    let mut alice = RawConn::connect(node.addr);
+    let mut alice = node.raw();
     alice.login("alice", "pw", "phone");
-    let mut bob = RawConn::connect(node.addr);
+    let mut bob = node.raw();
     bob.login("bob", "pw", "phone");
     let mut nonce = 0u64;
     for round in 0..5u64 {

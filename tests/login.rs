@@ -28,7 +28,7 @@ fn login_from(
     user: &str,
     credential: Credential,
 ) -> Result<tern::protocol::LoginOk, (u16, String)> {
-    RawConn::connect_from(node.addr, source).try_login(user, "dev", credential)
+    node.raw_from(source).try_login(user, "dev", credential)
 }
 
 /// The wait a `throttled` message states, in ms.
@@ -140,7 +140,7 @@ fn a_flood_of_password_logins_gets_busy_answers(io: Io) {
     node.add_user("carol", PASSWORD);
     let mut conns: Vec<RawConn> = (0..200u16)
         .map(|i| {
-            let mut conn = RawConn::connect_from(node.addr, ip(5, i as u8 + 1));
+            let mut conn = node.raw_from(ip(5, i as u8 + 1));
             conn.hello();
             conn
         })
@@ -192,7 +192,7 @@ fn closed_by_node(conn: &mut RawConn) -> bool {
 
 /// A half-open client: connects, and half of them send three bytes of a header.
 fn silent_conn(node: &TestNode, source: IpAddr, i: usize) -> RawConn {
-    let mut conn = RawConn::connect_from(node.addr, source);
+    let mut conn = node.raw_from(source);
     if i % 2 == 1 {
         conn.write_bytes(&[0x20, 0, 0]);
     }

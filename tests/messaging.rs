@@ -17,7 +17,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn client(node: &TestNode, user: &str, device: &str) -> BlockingClient {
     let config = ClientConfig::new(user, device).with_password("pw");
-    let mut client = BlockingClient::new(node.addr, config);
+    let mut client = node.client(config);
     client.connect().expect("connect and log in");
     client
 }
@@ -171,7 +171,7 @@ fn resending_a_client_message_id_returns_the_original_ack_and_stores_nothing(io:
     let node = TestNode::start(io, &["--shards", "2"]);
     node.add_user("alice", "pw");
     node.add_user("bob", "pw");
-    let mut conn = RawConn::connect(node.addr);
+    let mut conn = node.raw();
     conn.login("alice", "pw", "phone");
     let first = raw_send(&mut conn, 10, "bob", 0xfeed_0001, "only once");
     assert!(!first.duplicate);
@@ -185,7 +185,7 @@ fn resending_a_client_message_id_returns_the_original_ack_and_stores_nothing(io:
     // The resend after a reconnect, as a client does when an ack was lost with its
     // connection, is answered the same way.
     drop(conn);
-    let mut conn = RawConn::connect(node.addr);
+    let mut conn = node.raw();
     conn.login("alice", "pw", "phone");
     let after_reconnect = raw_send(&mut conn, 1, "bob", 0xfeed_0001, "only once");
     assert!(after_reconnect.duplicate);
@@ -210,7 +210,7 @@ fn every_acknowledged_message_survives_sigkill_exactly_once(io: Io) {
     let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     let record = acked.clone();
     let config = ClientConfig::new("alice", "phone").with_password("pw");
-    let mut alice = BlockingClient::new(node.addr, config).with_listener(move |event: &Event| {
+    let mut alice = node.client(config).with_listener(move |event: &Event| {
         if let Event::SendAcked {
             client_msg_id,
             msg_id,
@@ -327,14 +327,8 @@ fn tern(
 ) -> (bool, String, String) {
     let out = Command::new(TERN)
         .arg(command)
-        .args([
-            "--server",
-            &node.addr.to_string(),
-            "--user",
-            user,
-            "--password",
-            password,
-        ])
+        .args(node.cli_server_args())
+        .args(["--user", user, "--password", password])
         .args(rest)
         .output()
         .expect("run tern");

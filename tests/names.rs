@@ -5,8 +5,8 @@
 #[macro_use]
 mod common;
 
-use common::{Io, RawConn, TestNode};
-use tern::client::{BlockingClient, ClientConfig, ClientError};
+use common::{Io, TestNode};
+use tern::client::{ClientConfig, ClientError};
 use tern::protocol::{Credential, ErrorCode};
 
 const PASSWORD: &str = "pw-names";
@@ -40,14 +40,17 @@ fn names_that_look_alike_are_one_name_or_refused(io: Io) {
     }
 
     // A login or a recipient may be spelled in any case or encoding: one account.
-    let bob = RawConn::connect(node.addr)
+    let bob = node
+        .raw()
         .try_login("bob", "phone", Credential::Password(PASSWORD.into()))
         .unwrap();
-    let as_upper = RawConn::connect(node.addr)
+    let as_upper = node
+        .raw()
         .try_login("BOB", "laptop", Credential::Password(PASSWORD.into()))
         .unwrap();
     assert_eq!(as_upper.user_id, bob.user_id);
-    let jose = RawConn::connect(node.addr)
+    let jose = node
+        .raw()
         .try_login(
             "Jose\u{301}",
             "phone",
@@ -55,7 +58,7 @@ fn names_that_look_alike_are_one_name_or_refused(io: Io) {
         )
         .unwrap();
     let config = ClientConfig::new("jos\u{e9}", "tablet").with_password(PASSWORD);
-    let mut client = BlockingClient::new(node.addr, config);
+    let mut client = node.client(config);
     client.connect().unwrap();
     client.send("BoB", "hello").unwrap();
     let entries = client.sync_all(0).unwrap();
@@ -71,7 +74,8 @@ fn names_that_look_alike_are_one_name_or_refused(io: Io) {
     assert_eq!(message.from_id, jose.user_id);
 
     // Device names follow the rules too.
-    let (code, message) = RawConn::connect(node.addr)
+    let (code, message) = node
+        .raw()
         .try_login("bob", " phone", Credential::Password(PASSWORD.into()))
         .unwrap_err();
     assert_eq!(code, ErrorCode::AuthFailed as u16);

@@ -22,7 +22,7 @@ fn device(node: &TestNode, user: &str, device: &str) -> (BlockingClient, Seen) {
     let seen: Seen = Arc::default();
     let sink = Arc::clone(&seen);
     let config = ClientConfig::new(user, device).with_password(PASSWORD);
-    let mut client = BlockingClient::new(node.addr, config).with_listener(move |e: &Event| {
+    let mut client = node.client(config).with_listener(move |e: &Event| {
         if matches!(e, Event::Presence { .. } | Event::Typing { .. }) {
             sink.lock().unwrap().push(e.clone());
         }

@@ -436,6 +436,7 @@ impl NodeFixture {
         let config = NodeConfig {
             data_dir: dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().expect("loopback address"),
+            tls: None,
             shards: 1,
             durability,
             heartbeat_interval_ms: tern::limits::HEARTBEAT_INTERVAL_MS_DEFAULT,

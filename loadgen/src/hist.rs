@@ -32,16 +32,19 @@ pub enum Metric {
     Heartbeat,
     /// A sync run: `LoginOk` (or `sync_now`) to `SyncDone`.
     Sync,
+    /// The reconnect storm (`--storm-at`) to the client's next `LoginOk`.
+    Storm,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [
+    pub const ALL: [Metric; 7] = [
         Metric::Connect,
         Metric::Login,
         Metric::Ack,
         Metric::E2e,
         Metric::Heartbeat,
         Metric::Sync,
+        Metric::Storm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Metric {
             Metric::E2e => "e2e",
             Metric::Heartbeat => "heartbeat",
             Metric::Sync => "sync",
+            Metric::Storm => "storm",
         }
     }
 }

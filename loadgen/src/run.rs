@@ -190,6 +190,14 @@ pub fn run(args: &RunArgs) -> Result<RunOutcome, String> {
         if let Some(mib) = args.node_map_size_mib {
             extra.extend(["--map-size-mib".to_owned(), mib.to_string()]);
         }
+        if let (Some(cert), Some(key)) = (&args.node_tls_cert, &args.node_tls_key) {
+            extra.extend([
+                "--tls-cert".to_owned(),
+                cert.display().to_string(),
+                "--tls-key".to_owned(),
+                key.display().to_string(),
+            ]);
+        }
         let spawned = SpawnedNode::start(&bin, extra)?;
         let out = (
             spawned.addr,
@@ -707,6 +715,8 @@ fn run_with_node(
             "logins": counts.logins,
             "flaps": counts.flaps,
             "background_cycles": counts.background_cycles,
+            "tls_full_handshakes": counts.tls_full,
+            "tls_resumed_handshakes": counts.tls_resumed,
         },
         "errors": errors,
         "phases": {

@@ -107,6 +107,28 @@ pub struct RunArgs {
     /// Abrupt disconnects per minute over all clients (RST, then reconnect with backoff).
     #[arg(long, default_value_t = 0.0)]
     pub flap: f64,
+    /// The reconnect storm: this many seconds into the run every connected client drops
+    /// its connection at once (a reset, as when a cell or Wi-Fi network goes away) and
+    /// reconnects; `latency_ms.storm` is each client's time from then to its next login
+    /// (its max: how long the storm took). The node stays up, so TLS clients resume.
+    #[arg(long)]
+    pub storm_at: Option<f64>,
+    /// What clients speak: tcp (the binary protocol) or tls (the same inside TLS; needs
+    /// --ca). `ws` comes with the node's WebSocket port.
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    /// PEM CA certificate TLS clients pin (`ca.pem` from `tern cert generate`).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Name the node's certificate must carry (default: the server's IP address).
+    #[arg(long)]
+    pub tls_name: Option<String>,
+    /// With --spawn: serve TLS only on the node's port with this PEM certificate chain and
+    /// --node-tls-key.
+    #[arg(long, requires = "node_tls_key")]
+    pub node_tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "node_tls_cert")]
+    pub node_tls_key: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Worker processes the clients are split over.

@@ -24,6 +24,7 @@ use tern::client::{
     SendError, TeamAnswer,
 };
 use tern::protocol::ErrorCode;
+use tern::transport::tls::{self, HandshakeKind, Inbound, ServerName, TlsLayer};
 
 use crate::hist::{Hists, Metric, WireHists};
 use crate::net::{self, Connector};
@@ -32,6 +33,10 @@ use crate::schedule::OpenLoop;
 use crate::spec::{Pattern, WorkerSpec, group_blocks, parse_size};
 use crate::sys::{Rng, self_sample, unix_ms};
 use crate::verify::{AckedMsg, DeviceLog, To, Verdict, verify};
+
+/// TLS tickets each simulated device keeps (its own cache, as on a phone): the node sends
+/// two per handshake (`limits::TLS_TICKETS_PER_HANDSHAKE`).
+const TLS_SESSIONS_PER_DEVICE: usize = 2;
 
 /// Bytes read per read call, one buffer per thread.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
@@ -84,6 +89,11 @@ pub struct Counts {
     /// Sends the node answered with `busy` (each is retried after a pause, so the same
     /// message may count more than once).
     pub busy: u64,
+    /// TLS handshakes that completed in full, and resumed ones (`--transport tls`).
+    #[serde(default)]
+    pub tls_full: u64,
+    #[serde(default)]
+    pub tls_resumed: u64,
 }
 
 impl Counts {
@@ -97,6 +107,8 @@ impl Counts {
         self.flaps += o.flaps;
         self.background_cycles += o.background_cycles;
         self.busy += o.busy;
+        self.tls_full += o.tls_full;
+        self.tls_resumed += o.tls_resumed;
     }
 
     fn minus(&self, o: &Counts) -> Counts {
@@ -110,6 +122,8 @@ impl Counts {
             flaps: self.flaps - o.flaps,
             background_cycles: self.background_cycles - o.background_cycles,
             busy: self.busy - o.busy,
+            tls_full: self.tls_full - o.tls_full,
+            tls_resumed: self.tls_resumed - o.tls_resumed,
         }
     }
 }
@@ -633,6 +647,13 @@ struct Client {
     /// Node id of this user, learnt at login.
     user_id: u64,
     stream: Option<mio::net::TcpStream>,
+    /// The connection's TLS state (`--transport tls`); present exactly while `stream` is
+    /// connected.
+    tls: Option<Box<TlsLayer>>,
+    /// This device's TLS settings with a ticket cache of its own, as a phone keeps one.
+    tls_config: Option<Arc<tls::ClientConfig>>,
+    /// Dropped by the reconnect storm and not logged in again yet.
+    in_storm: bool,
     connecting: bool,
     conn_started: Option<Instant>,
     sync_started: Option<Instant>,
@@ -724,6 +745,14 @@ struct ClientThread {
     /// With `--outage-at`: when the link is planned to go down (attempts and logins from
     /// then on are kept per device, and every delivery's arrival time).
     outage_down: Option<Instant>,
+    /// The name TLS clients check the node's certificate against.
+    tls_name: Option<ServerName<'static>>,
+    /// When the reconnect storm hits (`--storm-at`); None once it has.
+    storm_at: Option<Instant>,
+    /// When it did.
+    storm_started: Option<Instant>,
+    /// Plaintext between a session and its TLS layer (reused allocation).
+    plain_buf: Vec<u8>,
 }
 
 impl ClientThread {
@@ -744,6 +773,20 @@ impl ClientThread {
         let mut rng = Rng::new(
             args.seed ^ (u64::from(spec.process) << 48) ^ (u64::from(index) << 32) ^ 0x5EED,
         );
+        let (tls_base, tls_name) = match args.transport.as_str() {
+            "tcp" => (None, None),
+            "tls" => {
+                let ca = args
+                    .ca
+                    .as_deref()
+                    .ok_or("--transport tls needs --ca FILE")?;
+                let config = tls::client_config(ca).map_err(|e| e.to_string())?;
+                let name = tls::server_name(args.tls_name.as_deref(), spec.server)
+                    .map_err(|e| e.to_string())?;
+                (Some(config), Some(name))
+            }
+            other => return Err(format!("--transport {other}: tcp or tls")),
+        };
         let mut clients = Vec::new();
         let first_client = spec.user_lo * devices;
         let last_client = spec.user_hi * devices;
@@ -771,6 +814,11 @@ impl ClientThread {
                 user,
                 user_id: 0,
                 stream: None,
+                tls: None,
+                tls_config: tls_base
+                    .as_ref()
+                    .map(|base| tls::with_own_session_cache(base, TLS_SESSIONS_PER_DEVICE)),
+                in_storm: false,
                 connecting: false,
                 conn_started: None,
                 sync_started: None,
@@ -837,6 +885,10 @@ impl ClientThread {
             phase: PHASE_RUN,
             next_flag_check: epoch,
             outage_down: args.outage_at.map(|at| epoch + secs(at)),
+            tls_name,
+            storm_at: args.storm_at.map(|s| epoch + secs(s)),
+            storm_started: None,
+            plain_buf: Vec::new(),
             spec,
         })
     }
@@ -896,6 +948,7 @@ impl ClientThread {
             consider(self.ramp.next_at());
             consider(self.sends.next_at());
             consider(self.flaps.next_at());
+            consider(self.storm_at);
         }
         consider(Some(self.epoch + Duration::from_secs(self.next_tick)));
         at
@@ -1024,6 +1077,16 @@ impl ClientThread {
                 self.counts.errors += 1;
             }
         }
+        if self.storm_at.is_some_and(|at| at <= now) {
+            self.storm_at = None;
+            self.storm_started = Some(now);
+            for i in 0..self.clients.len() {
+                if self.clients[i].stream.is_some() {
+                    self.clients[i].in_storm = true;
+                    self.flap(i, now);
+                }
+            }
+        }
         while budget > 0 && self.flaps.next_due(now).is_some() {
             budget -= 1;
             let i = self.rng.below(self.clients.len().max(1) as u64) as usize;
@@ -1041,6 +1104,7 @@ impl ClientThread {
             net::abort(stream);
         }
         client.wbuf.clear();
+        client.tls = None;
         client.connecting = false;
         client.expect_disconnect = true;
         client.session.closed(now);
@@ -1240,7 +1304,18 @@ impl ClientThread {
                             now.duration_since(started).as_micros() as u64,
                         );
                     }
+                    if let (Some(config), Some(name)) = (&client.tls_config, &self.tls_name) {
+                        match TlsLayer::client(config, name.clone()) {
+                            Ok(layer) => client.tls = Some(Box::new(layer)),
+                            Err(_) => {
+                                self.error("tls_setup");
+                                return self.connect_failed(i, now);
+                            }
+                        }
+                    }
+                    // Under TLS the hello waits in the layer until the handshake is done.
                     client.session.connected(now);
+                    self.pump(i, now);
                 }
                 Err(e) if e.kind() == ErrorKind::NotConnected => {}
                 Err(_) => self.connect_failed(i, now),
@@ -1257,6 +1332,7 @@ impl ClientThread {
         }
         client.connecting = false;
         client.wbuf.clear();
+        client.tls = None;
         client.session.connect_failed(now);
     }
 
@@ -1267,6 +1343,7 @@ impl ClientThread {
         }
         client.connecting = false;
         client.wbuf.clear();
+        client.tls = None;
         client.session.closed(now);
     }
 
@@ -1287,7 +1364,29 @@ impl ClientThread {
             match stream.read(&mut self.read_buf) {
                 Ok(0) => return self.lost(i, now),
                 Ok(n) => {
-                    client.session.received(&self.read_buf[..n], now);
+                    match client.tls.as_mut() {
+                        None => client.session.received(&self.read_buf[..n], now),
+                        Some(layer) => {
+                            self.plain_buf.clear();
+                            let inbound = layer.receive(&self.read_buf[..n], &mut self.plain_buf);
+                            // Handshake flights go out now, before anything the session says.
+                            layer.take_ciphertext(&mut client.wbuf);
+                            match inbound {
+                                Ok(Inbound::Open) => {
+                                    client.session.received(&self.plain_buf, now);
+                                }
+                                Ok(Inbound::PeerClosed) => {
+                                    client.session.received(&self.plain_buf, now);
+                                    return self.lost(i, now);
+                                }
+                                Err(_) => {
+                                    self.error("tls_failed");
+                                    return self.lost(i, now);
+                                }
+                            }
+                            self.flush(i, now);
+                        }
+                    }
                     // Handle what the bytes caused (it may close this socket) before
                     // reading on.
                     self.pump(i, now);
@@ -1336,12 +1435,21 @@ impl ClientThread {
                         }
                         client.connecting = false;
                         client.wbuf.clear();
+                        client.tls = None;
                     }
                 }
             }
             if self.clients[i].session.transmit_len() > 0 {
                 let client = &mut self.clients[i];
-                client.session.take_transmit(&mut client.wbuf);
+                match client.tls.as_mut() {
+                    None => client.session.take_transmit(&mut client.wbuf),
+                    Some(layer) => {
+                        self.plain_buf.clear();
+                        client.session.take_transmit(&mut self.plain_buf);
+                        layer.send(&self.plain_buf);
+                        layer.take_ciphertext(&mut client.wbuf);
+                    }
+                }
                 if client.stream.is_some() {
                     self.flush(i, now);
                 } else {
@@ -1419,6 +1527,17 @@ impl ClientThread {
                 let client = &mut self.clients[i];
                 client.user_id = user_id;
                 client.logged_in_once = true;
+                match client.tls.as_ref().and_then(|layer| layer.handshake_kind()) {
+                    Some(HandshakeKind::Resumed) => self.counts.tls_resumed += 1,
+                    Some(_) => self.counts.tls_full += 1,
+                    None => {}
+                }
+                if std::mem::take(&mut client.in_storm)
+                    && let Some(storm) = self.storm_started
+                {
+                    let us = now.duration_since(storm).as_micros() as u64;
+                    self.hists.record_us(Metric::Storm, us);
+                }
                 if let Some(started) = client.conn_started {
                     let us = now.duration_since(started).as_micros() as u64;
                     self.hists.record_us(Metric::Login, us);

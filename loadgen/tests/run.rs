@@ -193,6 +193,53 @@ fn a_few_hundred_clients_verify_and_the_report_has_every_field() {
 }
 
 #[test]
+fn tls_clients_verify_and_the_reconnect_storm_resumes_their_sessions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let status = Command::new(tern_bin())
+        .args(["cert", "generate", "--name", "127.0.0.1", "--out"])
+        .arg(&certs)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run tern cert generate");
+    assert!(status.success());
+    let path = |name: &str| certs.join(name).display().to_string();
+    let (output, report, _) = run_loadgen(&[
+        "--clients",
+        "100",
+        "--rate",
+        "100",
+        "--duration",
+        "4",
+        "--storm-at",
+        "2",
+        "--durability",
+        "none",
+        "--transport",
+        "tls",
+        "--ca",
+        &path("ca.pem"),
+        "--node-tls-cert",
+        &path("server.pem"),
+        "--node-tls-key",
+        &path("server.key"),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output, &report));
+    assert_eq!(int(&report, "clients.failed"), 0);
+    assert!(int(&report, "messages.acked") > 0);
+    assert_eq!(int(&report, "messages.lost"), 0);
+    assert_eq!(int(&report, "messages.duplicated"), 0);
+    // Every device logged in again after the storm, and those logins resumed.
+    assert_eq!(int(&report, "latency_ms.storm.count"), 100);
+    assert!(int(&report, "events.tls_full_handshakes") >= 100);
+    assert!(
+        int(&report, "events.tls_resumed_handshakes") >= 100,
+        "{}",
+        report["events"]
+    );
+}
+
+#[test]
 fn a_node_killed_and_restarted_mid_run_loses_no_acknowledged_message() {
     let (output, report, _) = run_loadgen(&[
         "--clients",

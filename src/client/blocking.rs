@@ -1,5 +1,5 @@
-//! A small blocking driver that runs a `ClientSession` over a `std::net::TcpStream`: for the
-//! `tern` command line, tests and simple tools.
+//! A small blocking driver that runs a `ClientSession` over a `std::net::TcpStream`, plain
+//! or inside TLS (`with_tls`): for the `tern` command line, tests and simple tools.
 //!
 //! It is deliberately thin: it carries out the session's actions (connect, disconnect),
 //! writes what the session queues, feeds it what the socket reads, and sleeps in `read`
@@ -12,7 +12,10 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::transport::tls::{HandshakeKind, Inbound, TlsLayer};
 
 use super::session::{
     Action, ClientConfig, ClientSession, Event, Listener, ReceivedMessage, SendError,
@@ -131,6 +134,17 @@ pub struct BlockingClient<S: ClientStore = MemoryStore> {
     read_buf: Box<[u8]>,
     write_buf: Vec<u8>,
     last_io_error: Option<String>,
+    /// TLS settings and the name the node's certificate must carry (`with_tls`).
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    /// The current connection's TLS state; present exactly while `stream` is, when `tls`
+    /// is set.
+    layer: Option<Box<TlsLayer>>,
+    /// Plaintext of one read and ciphertext of one write, under TLS (reused allocations).
+    plain_buf: Vec<u8>,
+    cipher_buf: Vec<u8>,
 }
 
 impl BlockingClient<MemoryStore> {
@@ -153,7 +167,31 @@ impl<S: ClientStore> BlockingClient<S> {
             read_buf: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
             write_buf: Vec::new(),
             last_io_error: None,
+            tls: None,
+            layer: None,
+            plain_buf: Vec::new(),
+            cipher_buf: Vec::new(),
         }
+    }
+
+    /// Speaks TLS to the node (`transport::tls::client_config`), checking its certificate
+    /// against `name`. Connections made from the same `config` share its ticket cache, so a
+    /// reconnect resumes the session (one cheap handshake). A handshake that fails (an
+    /// untrusted certificate, a port that does not speak TLS) stops the session with the
+    /// reason in `last_io_error` instead of retrying: the next try would fail alike.
+    pub fn with_tls(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> BlockingClient<S> {
+        self.tls = Some((config, name));
+        self
+    }
+
+    /// Whether the current connection's TLS handshake was full or resumed (None: plain,
+    /// not connected, or still handshaking).
+    pub fn tls_handshake_kind(&self) -> Option<HandshakeKind> {
+        self.layer.as_ref().and_then(|layer| layer.handshake_kind())
     }
 
     /// Every event goes to `listener` first, in order.
@@ -481,7 +519,13 @@ impl<S: ClientStore> BlockingClient<S> {
                 self.session.take_transmit(&mut self.write_buf);
                 // Without a stream the bytes were for a connection that is gone.
                 if let Some(stream) = &mut self.stream
-                    && let Err(err) = stream.write_all(&self.write_buf)
+                    && let Err(err) = match self.layer.as_mut() {
+                        None => stream.write_all(&self.write_buf),
+                        Some(layer) => {
+                            layer.send(&self.write_buf);
+                            write_ciphertext(layer, stream, &mut self.cipher_buf)
+                        }
+                    }
                 {
                     self.last_io_error = Some(format!("write: {err}"));
                     self.drop_stream();
@@ -507,9 +551,18 @@ impl<S: ClientStore> BlockingClient<S> {
             stream.set_write_timeout(Some(timeout))?;
             Ok(stream)
         });
+        let opened = opened.and_then(|stream| match &self.tls {
+            None => Ok((stream, None)),
+            Some((config, name)) => TlsLayer::client(config, name.clone())
+                .map(|layer| (stream, Some(Box::new(layer))))
+                .map_err(std::io::Error::other),
+        });
         match opened {
-            Ok(stream) => {
+            Ok((stream, layer)) => {
                 self.stream = Some(stream);
+                // The hello the session queues now waits in the layer until the handshake
+                // (driven by `read_once`) completes.
+                self.layer = layer;
                 self.session.connected(Instant::now());
             }
             Err(err) => {
@@ -520,8 +573,54 @@ impl<S: ClientStore> BlockingClient<S> {
     }
 
     fn drop_stream(&mut self) {
-        if let Some(stream) = self.stream.take() {
+        let layer = self.layer.take();
+        if let Some(mut stream) = self.stream.take() {
+            if let Some(mut layer) = layer {
+                // Best effort: tell the node the close is ours, not a truncation.
+                layer.close();
+                let _ = write_ciphertext(&mut layer, &mut stream, &mut self.cipher_buf);
+            }
             let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Bytes read from the socket: straight to the session, or through TLS.
+    fn deliver(&mut self, n: usize) {
+        let now = Instant::now();
+        let (Some(layer), Some(stream)) = (self.layer.as_mut(), self.stream.as_mut()) else {
+            self.session.received(&self.read_buf[..n], now);
+            return;
+        };
+        let handshaking = layer.is_handshaking();
+        self.plain_buf.clear();
+        let inbound = layer.receive(&self.read_buf[..n], &mut self.plain_buf);
+        // Handshake flights and alerts (an error's too) go out before anything else.
+        let written = write_ciphertext(layer, stream, &mut self.cipher_buf);
+        match inbound {
+            Ok(inbound) => {
+                if !self.plain_buf.is_empty() {
+                    self.session.received(&self.plain_buf, now);
+                }
+                if let Err(err) = written {
+                    self.last_io_error = Some(format!("write: {err}"));
+                    self.drop_stream();
+                    self.session.closed(now);
+                } else if inbound == Inbound::PeerClosed {
+                    self.last_io_error = Some("connection closed by node".to_owned());
+                    self.drop_stream();
+                    self.session.closed(now);
+                }
+            }
+            Err(err) if handshaking => {
+                self.last_io_error = Some(format!("tls handshake with {}: {err}", self.server));
+                self.drop_stream();
+                self.session.close(now);
+            }
+            Err(err) => {
+                self.last_io_error = Some(err.to_string());
+                self.drop_stream();
+                self.session.closed(now);
+            }
         }
     }
 
@@ -540,7 +639,7 @@ impl<S: ClientStore> BlockingClient<S> {
                 self.drop_stream();
                 self.session.closed(Instant::now());
             }
-            Ok(n) => self.session.received(&self.read_buf[..n], Instant::now()),
+            Ok(n) => self.deliver(n),
             Err(err)
                 if matches!(
                     err.kind(),
@@ -553,6 +652,20 @@ impl<S: ClientStore> BlockingClient<S> {
             }
         }
     }
+}
+
+/// Writes everything `layer` has for the socket.
+fn write_ciphertext(
+    layer: &mut TlsLayer,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    buf.clear();
+    layer.take_ciphertext(buf);
+    if buf.is_empty() {
+        return Ok(());
+    }
+    stream.write_all(buf)
 }
 
 /// The error a wait ends with when the session reports that it cannot go on.

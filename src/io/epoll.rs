@@ -12,11 +12,14 @@ use std::time::Instant;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::{Backend, BackendStats, Handler, StatsCell, Transmit, Wake};
+use super::{
+    Backend, BackendStats, Handler, LISTENERS_MAX, ListenerIndex, StatsCell, Transmit, Wake,
+};
 use crate::ids::ConnId;
 
-const LISTENER: Token = Token(usize::MAX - 1);
-const WAKER: Token = Token(usize::MAX - 2);
+const WAKER: Token = Token(usize::MAX - 1);
+/// Listener `i` registers as `Token(LISTENER_FIRST - i)`, above every connection's token.
+const LISTENER_FIRST: usize = usize::MAX - 2;
 
 /// Shard-wide read buffer.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
@@ -50,12 +53,14 @@ struct Slot {
 
 pub struct EpollBackend {
     poll: Poll,
-    listener: TcpListener,
+    /// In the order given to `new`; the index is the `ListenerIndex` handlers learn.
+    listeners: Vec<TcpListener>,
     waker: Arc<MioWake>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     read_buffer: Box<[u8]>,
-    /// Connections that still had input when their read budget ran out.
+    /// Connections that still had input when their read budget ran out, and listeners
+    /// (`index` u32::MAX, `generation` the listener) with connections still queued.
     ready: Vec<ConnId>,
     stats: BackendStats,
     stats_cell: Arc<StatsCell>,
@@ -71,19 +76,28 @@ impl Wake for MioWake {
 }
 
 impl EpollBackend {
+    /// A loop serving `listeners` (1 to `LISTENERS_MAX`).
     pub fn new(
-        listener: std::net::TcpListener,
+        listeners: Vec<std::net::TcpListener>,
         stats_cell: Arc<StatsCell>,
     ) -> io::Result<EpollBackend> {
-        listener.set_nonblocking(true)?;
+        assert!(!listeners.is_empty() && listeners.len() <= LISTENERS_MAX);
         let poll = Poll::new()?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut registered = Vec::with_capacity(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            listener.set_nonblocking(true)?;
+            let mut listener = TcpListener::from_std(listener);
+            poll.registry().register(
+                &mut listener,
+                Token(LISTENER_FIRST - i),
+                Interest::READABLE,
+            )?;
+            registered.push(listener);
+        }
         let waker = Arc::new(MioWake(Waker::new(poll.registry(), WAKER)?));
         Ok(EpollBackend {
             poll,
-            listener,
+            listeners: registered,
             waker,
             slots: Vec::new(),
             free: Vec::new(),
@@ -102,9 +116,9 @@ impl EpollBackend {
         slot.sock.as_mut()
     }
 
-    fn accept(&mut self, handler: &mut dyn Handler, now: Instant) {
+    fn accept(&mut self, listener: ListenerIndex, handler: &mut dyn Handler, now: Instant) {
         for _ in 0..ACCEPTS_PER_TURN_MAX {
-            let (mut stream, peer) = match self.listener.accept() {
+            let (mut stream, peer) = match self.listeners[usize::from(listener.0)].accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -147,14 +161,14 @@ impl EpollBackend {
             });
             self.stats.accepted_total += 1;
             self.stats.connections_open += 1;
-            if !handler.accepted(conn, peer, now) {
+            if !handler.accepted(conn, listener, peer, now) {
                 self.release(conn, false);
             }
         }
         // More may be queued: come back next turn without waiting.
         self.ready.push(ConnId {
             index: u32::MAX,
-            generation: 0,
+            generation: u32::from(listener.0),
         });
     }
 
@@ -337,7 +351,7 @@ impl Backend for EpollBackend {
             let now = Instant::now();
             for conn in std::mem::take(&mut self.ready) {
                 if conn.index == u32::MAX {
-                    self.accept(handler, now);
+                    self.accept(ListenerIndex(conn.generation as u8), handler, now);
                 } else {
                     // Stopped by the budget: the edge that reported this input is spent.
                     self.read(conn, handler, now, true);
@@ -345,8 +359,11 @@ impl Backend for EpollBackend {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(handler, now),
                     WAKER => {}
+                    Token(token) if token > LISTENER_FIRST - LISTENERS_MAX => {
+                        let listener = ListenerIndex((LISTENER_FIRST - token) as u8);
+                        self.accept(listener, handler, now);
+                    }
                     Token(index) => {
                         let Some(slot) = self.slots.get(index) else {
                             continue;
@@ -382,8 +399,8 @@ impl Backend for EpollBackend {
         self.waker.clone()
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+    fn local_addr(&self, listener: ListenerIndex) -> io::Result<SocketAddr> {
+        self.listeners[usize::from(listener.0)].local_addr()
     }
 
     fn stats(&self) -> BackendStats {

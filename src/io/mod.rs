@@ -1,6 +1,7 @@
 //! Event-loop backends under one contract.
 //!
-//! A backend owns one shard's listening socket and accepted sockets and runs the loop:
+//! A backend owns one shard's listening sockets (at most `LISTENERS_MAX`: say a plain and a
+//! TLS port) and accepted sockets and runs the loop:
 //! it waits for readiness or completions, hands received bytes to the shard's `Handler`,
 //! and takes the handler's output to the kernel. The handler owns all protocol state;
 //! the backend owns sockets, the bytes the kernel has not taken yet, and nothing else.
@@ -17,6 +18,15 @@ use std::time::{Duration, Instant};
 use crate::ids::ConnId;
 
 pub mod epoll;
+
+/// Listening sockets one backend serves. Each accepted connection is reported with the
+/// index of its listener, so the shard (not the backend) decides what the bytes mean.
+pub const LISTENERS_MAX: usize = 4;
+
+/// Which of a backend's listeners accepted a connection: the index into the list the
+/// backend was built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerIndex(pub u8);
 pub mod probe;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod uring;
@@ -24,8 +34,15 @@ pub mod uring;
 /// What a shard does when its backend reports something. Every method is called on the
 /// shard's own thread, never concurrently.
 pub trait Handler {
-    /// A connection was accepted. Return false to refuse it (the backend closes it).
-    fn accepted(&mut self, conn: ConnId, peer: SocketAddr, now: Instant) -> bool;
+    /// A connection was accepted on `listener`. Return false to refuse it (the backend
+    /// closes it).
+    fn accepted(
+        &mut self,
+        conn: ConnId,
+        listener: ListenerIndex,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> bool;
     /// Bytes arrived on `conn`. The slice is only valid during the call.
     fn received(&mut self, conn: ConnId, bytes: &[u8], now: Instant);
     /// The peer closed `conn` or its socket failed. The backend already released it.
@@ -132,7 +149,8 @@ pub trait Backend {
     /// Runs until `handler.should_stop()`.
     fn run(&mut self, handler: &mut dyn Handler) -> io::Result<()>;
     fn waker(&self) -> Arc<dyn Wake>;
-    fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// The address of listener `listener` (in the order the backend was built with).
+    fn local_addr(&self, listener: ListenerIndex) -> io::Result<SocketAddr>;
     fn stats(&self) -> BackendStats;
 }
 

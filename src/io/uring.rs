@@ -1,6 +1,6 @@
 //! The io_uring backend: completion-based, one submit-and-wait per loop turn.
 //!
-//! One multishot accept on the shard's listener; one multishot recv per connection that
+//! One multishot accept on each of the shard's listeners; one multishot recv per connection that
 //! draws from a shard-wide provided-buffer ring, so an idle connection holds no read
 //! buffer; sends straight from the connection's output buffer, which exists only while a
 //! send is in flight; a read on an eventfd for wake-ups from other threads. Every
@@ -22,7 +22,9 @@ use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 
 use super::probe::errno_name;
-use super::{Backend, BackendStats, Handler, StatsCell, Transmit, Wake};
+use super::{
+    Backend, BackendStats, Handler, LISTENERS_MAX, ListenerIndex, StatsCell, Transmit, Wake,
+};
 use crate::ids::ConnId;
 use crate::limits::{
     CLOSE_LINGER_MS, HEARTBEAT_COALESCE_US, URING_RECV_BUFFER_SIZE, URING_RECV_BUFFERS,
@@ -72,7 +74,18 @@ fn user_data(op: Op, conn: ConnId) -> u64 {
         | u64::from(conn.index)
 }
 
-/// A listener-level operation (accept, wake, cancel) that names no connection.
+/// The accept of listener `listener`: the index field carries the listener.
+fn accept_user_data(listener: usize) -> u64 {
+    user_data(
+        Op::Accept,
+        ConnId {
+            index: listener as u32,
+            generation: 0,
+        },
+    )
+}
+
+/// A listener-level operation (wake, cancel) that names no connection.
 fn loop_user_data(op: Op) -> u64 {
     user_data(
         op,
@@ -350,7 +363,8 @@ pub struct UringBackend {
     // buffer and output buffers before they are freed.
     ring: IoUring,
     buffers: BufRing,
-    listener: TcpListener,
+    /// In the order given to `new`; the index is the `ListenerIndex` handlers learn.
+    listeners: Vec<Listen>,
     wake: Arc<UringWake>,
     /// Where the queued eventfd read lands.
     wake_buf: Box<u64>,
@@ -363,8 +377,6 @@ pub struct UringBackend {
     rearm: Vec<ConnId>,
     /// Closing connections and when their remaining operations get cancelled.
     lingering: Vec<(ConnId, Instant)>,
-    accept_armed: bool,
-    accept_retry_at: Option<Instant>,
     wake_armed: bool,
     /// The kernel has IORING_FEAT_MIN_TIMEOUT (Linux 6.12): a wait can sleep through a
     /// window of arrivals and wake once for all of them.
@@ -374,6 +386,15 @@ pub struct UringBackend {
     stats_cell: Arc<StatsCell>,
 }
 
+/// One listening socket and the state of its multishot accept.
+struct Listen {
+    socket: TcpListener,
+    /// A multishot accept is in flight.
+    armed: bool,
+    /// After a failed accept, when to try again.
+    retry_at: Option<Instant>,
+}
+
 // SAFETY: the raw pointers in `BufRing` point at mappings this backend owns exclusively;
 // moving the backend to its shard thread moves that ownership with it.
 unsafe impl Send for UringBackend {}
@@ -381,8 +402,22 @@ unsafe impl Send for UringBackend {}
 impl UringBackend {
     /// Builds the ring (disabled until `run` enables it on the shard thread) and registers
     /// the buffer ring, so set-up errors surface at start-up.
-    pub fn new(listener: TcpListener, stats_cell: Arc<StatsCell>) -> io::Result<UringBackend> {
-        listener.set_nonblocking(true)?;
+    ///
+    /// Serves `listeners` (1 to `LISTENERS_MAX`).
+    pub fn new(
+        listeners: Vec<TcpListener>,
+        stats_cell: Arc<StatsCell>,
+    ) -> io::Result<UringBackend> {
+        assert!(!listeners.is_empty() && listeners.len() <= LISTENERS_MAX);
+        let mut listens = Vec::with_capacity(listeners.len());
+        for socket in listeners {
+            socket.set_nonblocking(true)?;
+            listens.push(Listen {
+                socket,
+                armed: false,
+                retry_at: None,
+            });
+        }
         let ring = build_ring()?;
         let buffers = BufRing::new()?;
         buffers.register(&ring)?;
@@ -397,7 +432,7 @@ impl UringBackend {
         Ok(UringBackend {
             ring,
             buffers,
-            listener,
+            listeners: listens,
             wake: Arc::new(UringWake {
                 fd,
                 pending: AtomicBool::new(false),
@@ -408,8 +443,6 @@ impl UringBackend {
             cqes: Vec::new(),
             rearm: Vec::new(),
             lingering: Vec::new(),
-            accept_armed: false,
-            accept_retry_at: None,
             wake_armed: false,
             min_timeout,
             now: Instant::now(),
@@ -570,13 +603,17 @@ impl UringBackend {
     /// Queues what must be in flight before the loop waits: the accept, the wake-up read,
     /// recvs that ended.
     fn rearm(&mut self, stopping: bool) -> io::Result<()> {
-        if !self.accept_armed && !stopping && self.accept_retry_at.is_none_or(|t| t <= self.now) {
-            self.accept_retry_at = None;
-            self.accept_armed = true;
-            let entry = opcode::AcceptMulti::new(Fd(self.listener.as_raw_fd()))
+        for i in 0..self.listeners.len() {
+            let listen = &mut self.listeners[i];
+            if listen.armed || stopping || listen.retry_at.is_some_and(|t| t > self.now) {
+                continue;
+            }
+            listen.retry_at = None;
+            listen.armed = true;
+            let entry = opcode::AcceptMulti::new(Fd(listen.socket.as_raw_fd()))
                 .flags(libc::SOCK_CLOEXEC)
                 .build()
-                .user_data(loop_user_data(Op::Accept));
+                .user_data(accept_user_data(i));
             self.push(&entry)?;
         }
         if !self.wake_armed {
@@ -678,7 +715,7 @@ impl UringBackend {
         let index = data as u32;
         let generation = ((data >> 32) & GENERATION_MASK) as u32;
         match op {
-            x if x == Op::Accept as u8 => self.on_accept(res, flags, handler),
+            x if x == Op::Accept as u8 => self.on_accept(index as usize, res, flags, handler),
             x if x == Op::Wake as u8 => {
                 self.wake_armed = false;
                 // Before the next tick reads the mailbox: a wake after this point writes
@@ -696,11 +733,18 @@ impl UringBackend {
         }
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32, handler: &mut dyn Handler) -> io::Result<()> {
+    fn on_accept(
+        &mut self,
+        listener: usize,
+        res: i32,
+        flags: u32,
+        handler: &mut dyn Handler,
+    ) -> io::Result<()> {
+        let listen = &mut self.listeners[listener];
         if !cqueue::more(flags) {
-            self.accept_armed = false;
+            listen.armed = false;
             if res < 0 {
-                self.accept_retry_at = Some(self.now + Duration::from_millis(ACCEPT_RETRY_MS));
+                listen.retry_at = Some(self.now + Duration::from_millis(ACCEPT_RETRY_MS));
             }
         }
         if res < 0 {
@@ -740,7 +784,7 @@ impl UringBackend {
         };
         self.stats.accepted_total += 1;
         self.stats.connections_open += 1;
-        if handler.accepted(conn, peer, self.now) {
+        if handler.accepted(conn, ListenerIndex(listener as u8), peer, self.now) {
             self.arm_recv(conn)
         } else {
             self.begin_close(conn, false)
@@ -879,19 +923,22 @@ impl UringBackend {
     /// Cancels the listener's accept and the wake-up read and waits (bounded) for their
     /// completions, so no operation refers to the wake buffer once the backend drops.
     fn quiesce(&mut self) -> io::Result<()> {
-        if self.accept_armed {
-            self.cancel(loop_user_data(Op::Accept))?;
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].armed {
+                self.cancel(accept_user_data(i))?;
+            }
         }
         if self.wake_armed {
             self.cancel(loop_user_data(Op::Wake))?;
         }
         let deadline = Instant::now() + Duration::from_millis(EXIT_WAIT_MS);
-        while (self.accept_armed || self.wake_armed) && Instant::now() < deadline {
+        let accepting = |listeners: &[Listen]| listeners.iter().any(|l| l.armed);
+        while (accepting(&self.listeners) || self.wake_armed) && Instant::now() < deadline {
             self.submit_and_wait(Some(Duration::from_millis(10)), false)?;
             for cqe in self.ring.completion() {
                 let op = (cqe.user_data() >> 56) as u8;
                 if op == Op::Accept as u8 && !cqueue::more(cqe.flags()) {
-                    self.accept_armed = false;
+                    self.listeners[cqe.user_data() as u32 as usize].armed = false;
                     if cqe.result() >= 0 {
                         // SAFETY: a connection accepted after the end; close it.
                         unsafe { libc::close(cqe.result()) };
@@ -913,7 +960,7 @@ impl UringBackend {
             let d = at.saturating_duration_since(self.now);
             timeout = Some(timeout.map_or(d, |t| t.min(d)));
         };
-        if let Some(at) = self.accept_retry_at {
+        for at in self.listeners.iter().filter_map(|l| l.retry_at) {
             consider(at);
         }
         if let Some(at) = self.lingering.iter().map(|&(_, at)| at).min() {
@@ -1028,8 +1075,8 @@ impl Backend for UringBackend {
         self.wake.clone()
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+    fn local_addr(&self, listener: ListenerIndex) -> io::Result<SocketAddr> {
+        self.listeners[usize::from(listener.0)].socket.local_addr()
     }
 
     fn stats(&self) -> BackendStats {

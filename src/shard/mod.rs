@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::TokenKey;
 use crate::ids::{ConnId, ShardId, UserId};
-use crate::io::{Handler, Transmit};
+use crate::io::{Handler, ListenerIndex, Transmit};
 use crate::limits::{
     CONNECTION_BACKLOG_MAX, CONNECTION_INFLIGHT_MAX, HANDSHAKE_TIMEOUT_MS,
     HEARTBEAT_COALESCE_QUIET_MS, IDLE_TIMEOUT_INTERVAL_TENTHS, SHARD_CONNECTIONS_MAX,
@@ -34,6 +34,8 @@ use crate::protocol::{EntryRef, ErrorCode, SyncPageRef};
 use crate::routing::Directory;
 use crate::session::{Conn, Request, SessionConfig};
 use crate::storage::{Delivery, OpResult, Origin, Store, WriteOp, WriterHandle};
+use crate::transport::ListenerKind;
+use crate::transport::tls::{Inbound, TlsLayer};
 
 use mailbox::{KickWhy, Mailbox, ShardMsg};
 use timer_wheel::TimerWheel;
@@ -55,6 +57,10 @@ pub struct ShardContext {
     /// Whether quiet spells of heartbeats may stretch the loop's waits (`serve
     /// --heartbeat-coalescing`).
     pub heartbeat_coalescing: bool,
+    /// What each of the backend's listeners speaks, by `ListenerIndex`.
+    pub listeners: Arc<[ListenerKind]>,
+    /// The node's TLS settings; present exactly when a listener is `ListenerKind::Tls`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -73,6 +79,9 @@ pub struct ShardStats {
     pub writer_waits: u64,
     /// Connections that had not logged in, closed to make room for newer ones.
     pub preauth_evictions: u64,
+    /// TLS connections closed because their bytes broke TLS (garbage, a client that
+    /// refused our certificate, a bad record).
+    pub tls_failures: u64,
 }
 
 struct Slot {
@@ -83,6 +92,12 @@ struct Slot {
     /// The connection counts in the table of connections that have not logged in
     /// (`stats.unauthenticated`, `preauth`).
     preauth: bool,
+    /// Present exactly for connections accepted on a TLS listener: every byte to and from
+    /// the session goes through it.
+    tls: Option<Box<TlsLayer>>,
+    /// Close once the pending output is flushed, without a frame of our own: TLS failed
+    /// (its alert is the last thing sent) or the peer sent close_notify.
+    close_after_flush: bool,
 }
 
 pub struct Shard {
@@ -128,6 +143,8 @@ pub struct Shard {
     /// `throttled` login answers held back for a while (at most one per connection that
     /// has not logged in).
     held_refusals: Vec<login::HeldRefusal>,
+    /// Plaintext of the TLS bytes of one `received` call (reused allocation).
+    tls_plaintext: Vec<u8>,
     stats: ShardStats,
 }
 
@@ -157,6 +174,7 @@ impl Shard {
             next_upload_id: 0,
             preauth: preauth::PreAuth::default(),
             held_refusals: Vec::new(),
+            tls_plaintext: Vec::new(),
             stats: ShardStats::default(),
         }
     }
@@ -228,6 +246,8 @@ impl Shard {
             return None;
         }
         let conn = slot.conn.take()?;
+        slot.tls = None;
+        slot.close_after_flush = false;
         self.stats.connections -= 1;
         self.leave_preauth(conn_id);
         // The temp files stay: a later start of the same content resumes them.
@@ -671,49 +691,9 @@ impl Shard {
     }
 }
 
-impl Handler for Shard {
-    fn accepted(&mut self, conn_id: ConnId, peer: SocketAddr, now: Instant) -> bool {
-        if self.stats.connections >= SHARD_CONNECTIONS_MAX
-            || self.ctx.stop.load(Ordering::Relaxed)
-            || self.preauth.address_full(peer.ip())
-        {
-            return false;
-        }
-        if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX {
-            self.evict_oldest_preauth();
-        }
-        let index = conn_id.index as usize;
-        if self.slots.len() <= index {
-            self.slots.resize_with(index + 1, || Slot {
-                generation: 0,
-                conn: None,
-                peer: std::net::IpAddr::from([0, 0, 0, 0]),
-                preauth: false,
-            });
-        }
-        let now_ms = self.now_ms(now);
-        let slot = &mut self.slots[index];
-        assert!(slot.conn.is_none(), "backend reused a live slot");
-        slot.generation = conn_id.generation;
-        slot.conn = Some(Conn::new(now_ms));
-        slot.peer = peer.ip();
-        slot.preauth = true;
-        self.stats.connections += 1;
-        self.stats.unauthenticated += 1;
-        let slots = &self.slots;
-        self.preauth
-            .admit(conn_id, peer.ip(), |c| waiting_for_login(slots, c));
-        // One wheel entry per connection for its whole life. The first check comes no later
-        // than either deadline it can have: the handshake's, or the idle timeout of a login
-        // that completes at once. Later checks re-insert at the real deadline.
-        self.wheel.insert(
-            conn_id,
-            now_ms + HANDSHAKE_TIMEOUT_MS.min(self.idle_timeout_ms()),
-        );
-        true
-    }
-
-    fn received(&mut self, conn_id: ConnId, bytes: &[u8], now: Instant) {
+impl Shard {
+    /// The session's bytes of `conn_id` (after TLS, where the connection has it).
+    fn received_plain(&mut self, conn_id: ConnId, bytes: &[u8], now: Instant) {
         let now_ms = self.now_ms(now);
         let session = self.ctx.session.clone();
         let mut requests = std::mem::take(&mut self.requests);
@@ -731,6 +711,107 @@ impl Handler for Shard {
         if has_output {
             self.mark_dirty(conn_id);
         }
+    }
+}
+
+impl Handler for Shard {
+    fn accepted(
+        &mut self,
+        conn_id: ConnId,
+        listener: ListenerIndex,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> bool {
+        let kind = self.ctx.listeners[usize::from(listener.0)];
+        let tls = match (kind, &self.ctx.tls) {
+            (ListenerKind::Plain, _) => None,
+            (ListenerKind::Tls, Some(config)) => match TlsLayer::server(config) {
+                Ok(layer) => Some(Box::new(layer)),
+                Err(e) => {
+                    eprintln!("tern: tls connection refused: {e}");
+                    return false;
+                }
+            },
+            (ListenerKind::Tls, None) => unreachable!("a TLS listener without TLS settings"),
+        };
+        if self.stats.connections >= SHARD_CONNECTIONS_MAX
+            || self.ctx.stop.load(Ordering::Relaxed)
+            || self.preauth.address_full(peer.ip())
+        {
+            return false;
+        }
+        if self.stats.unauthenticated >= SHARD_UNAUTHENTICATED_MAX {
+            self.evict_oldest_preauth();
+        }
+        let index = conn_id.index as usize;
+        if self.slots.len() <= index {
+            self.slots.resize_with(index + 1, || Slot {
+                generation: 0,
+                conn: None,
+                peer: std::net::IpAddr::from([0, 0, 0, 0]),
+                preauth: false,
+                tls: None,
+                close_after_flush: false,
+            });
+        }
+        let now_ms = self.now_ms(now);
+        let slot = &mut self.slots[index];
+        assert!(slot.conn.is_none(), "backend reused a live slot");
+        slot.generation = conn_id.generation;
+        slot.conn = Some(Conn::new(now_ms));
+        slot.peer = peer.ip();
+        slot.preauth = true;
+        slot.tls = tls;
+        slot.close_after_flush = false;
+        self.stats.connections += 1;
+        self.stats.unauthenticated += 1;
+        let slots = &self.slots;
+        self.preauth
+            .admit(conn_id, peer.ip(), |c| waiting_for_login(slots, c));
+        // One wheel entry per connection for its whole life. The first check comes no later
+        // than either deadline it can have: the handshake's, or the idle timeout of a login
+        // that completes at once. Later checks re-insert at the real deadline.
+        self.wheel.insert(
+            conn_id,
+            now_ms + HANDSHAKE_TIMEOUT_MS.min(self.idle_timeout_ms()),
+        );
+        true
+    }
+
+    fn received(&mut self, conn_id: ConnId, bytes: &[u8], now: Instant) {
+        let Some(slot) = self.slots.get_mut(conn_id.index as usize) else {
+            return;
+        };
+        if slot.generation != conn_id.generation || slot.conn.is_none() {
+            return;
+        }
+        let Some(tls) = slot.tls.as_mut() else {
+            self.received_plain(conn_id, bytes, now);
+            return;
+        };
+        let mut plaintext = std::mem::take(&mut self.tls_plaintext);
+        plaintext.clear();
+        let inbound = tls.receive(bytes, &mut plaintext);
+        // Handshake flights, alerts and post-handshake tickets go out on this turn's flush.
+        let wants_write = tls.wants_write();
+        match inbound {
+            Ok(Inbound::Open) => {}
+            Ok(Inbound::PeerClosed) => slot.close_after_flush = true,
+            Err(_) => {
+                self.stats.tls_failures += 1;
+                slot.close_after_flush = true;
+            }
+        }
+        if wants_write || slot.close_after_flush {
+            self.mark_dirty(conn_id);
+        }
+        if !plaintext.is_empty() {
+            self.received_plain(conn_id, &plaintext, now);
+        }
+        if plaintext.capacity() > TLS_PLAINTEXT_KEEP_MAX {
+            plaintext = Vec::new();
+        }
+        self.tls_plaintext = plaintext;
     }
 
     fn closed(&mut self, conn_id: ConnId) {
@@ -820,11 +901,31 @@ impl Handler for Shard {
             }
         }
         for conn_id in std::mem::take(&mut self.dirty) {
-            let Some(conn) = self.conn_mut(conn_id) else {
+            let Some(slot) = self.slots.get_mut(conn_id.index as usize) else {
                 continue;
             };
-            let closing = conn.is_closing();
-            let backlog = transmit.write(conn_id, conn.output());
+            if slot.generation != conn_id.generation {
+                continue;
+            }
+            let Some(conn) = slot.conn.as_mut() else {
+                continue;
+            };
+            let closing = conn.is_closing() || slot.close_after_flush;
+            let backlog = match slot.tls.as_mut() {
+                None => transmit.write(conn_id, conn.output()),
+                Some(tls) => {
+                    let plaintext = conn.output();
+                    tls.send(plaintext);
+                    // rustls holds its own copy now; an idle connection keeps no buffer.
+                    *plaintext = Vec::new();
+                    if closing {
+                        tls.close();
+                    }
+                    let mut ciphertext = Vec::new();
+                    tls.take_ciphertext(&mut ciphertext);
+                    transmit.write(conn_id, &mut ciphertext)
+                }
+            };
             if closing {
                 self.forget(conn_id);
                 transmit.close(conn_id);
@@ -853,6 +954,10 @@ impl Handler for Shard {
             && self.now_ms.saturating_sub(self.last_urgent_ms) >= HEARTBEAT_COALESCE_QUIET_MS
     }
 }
+
+/// Capacity the shard's TLS plaintext buffer keeps between calls: one record's worth. A
+/// larger one (a burst of records in one read) is freed after use.
+const TLS_PLAINTEXT_KEEP_MAX: usize = 16 * 1024;
 
 /// The request id of a request that has one (every request but `DeviceAck`, which is
 /// never parked).

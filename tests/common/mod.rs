@@ -32,19 +32,28 @@ pub fn tern_command() -> Command {
 /// How long a node may take to print its ready line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The event loop a test node runs (`tern serve --io`).
+/// The event loop a test node runs (`tern serve --io`), and whether its port speaks TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Io {
     Epoll,
     Uring,
+    /// The epoll loop with the native port TLS-only, certificates from `tern cert
+    /// generate`; every client of the test (`TestNode::client`, `raw`, `cli_server_args`)
+    /// pins that node's CA. One loop is enough here: TLS sits in the shard, above the
+    /// backends, which see the same bytes either way.
+    EpollTls,
 }
 
 impl Io {
     pub fn arg(self) -> &'static str {
         match self {
-            Io::Epoll => "epoll",
+            Io::Epoll | Io::EpollTls => "epoll",
             Io::Uring => "uring",
         }
+    }
+
+    pub fn tls(self) -> bool {
+        self == Io::EpollTls
     }
 
     /// `Some(Io::Uring)` where this machine runs io_uring (the node's probe, run in the
@@ -65,10 +74,45 @@ impl Io {
     }
 }
 
-/// Expands each named test body `fn name(io: Io)` into `epoll::name` and `uring::name`
-/// tests; the uring one skips, visibly, where io_uring is unavailable.
+/// Expands each named test body `fn name(io: Io)` into `epoll::name`, `uring::name` and
+/// `tls::name` (epoll, TLS) tests; the uring one skips, visibly, where io_uring is
+/// unavailable.
 #[allow(unused_macros)]
 macro_rules! io_tests {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(crate::common::Io::Epoll)
+                }
+            )*
+        }
+        mod uring {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(io) = crate::common::Io::uring_or_skip() {
+                        super::$name(io)
+                    }
+                }
+            )*
+        }
+        mod tls {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(crate::common::Io::EpollTls)
+                }
+            )*
+        }
+    };
+}
+
+/// `io_tests!` without the TLS variant, for tests whose subject is the plain loops' own
+/// bounds (output backlog, pipelining, a full disk); they run on epoll and io_uring.
+#[allow(unused_macros)]
+macro_rules! plain_io_tests {
     ($($name:ident),* $(,)?) => {
         mod epoll {
             $(
@@ -108,6 +152,10 @@ pub struct TestNode {
     extra: Vec<String>,
     /// `tern stats:` lines the node printed (on SIGUSR1).
     stats_lines: Option<Receiver<String>>,
+    /// The CA a TLS node's clients pin (`Io::EpollTls`).
+    pub ca: Option<PathBuf>,
+    /// The TLS port beside the plain one (`--tls-listen`).
+    pub tls_addr: Option<SocketAddr>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -116,22 +164,35 @@ impl TestNode {
     pub fn start(io: Io, extra: &[&str]) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut ca = None;
+        if io.tls() {
+            let certs = generate_certs(&dir.path().join("certs"), &["127.0.0.1"]);
+            extra.push("--tls-cert".into());
+            extra.push(certs.join("server.pem").display().to_string());
+            extra.push("--tls-key".into());
+            extra.push(certs.join("server.key").display().to_string());
+            ca = Some(certs.join("ca.pem"));
+        }
         let mut node = TestNode {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
             data,
             io,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             stats_lines: None,
+            ca,
+            tls_addr: None,
             _dir: Some(dir),
         };
         node.spawn("127.0.0.1:0".parse().unwrap());
         node
     }
 
-    /// Starts a node running `io` on the data folder `data` (created if missing), which the
-    /// caller owns, on a free loopback port.
+    /// Starts a node running `io` (plain, not TLS) on the data folder `data` (created if
+    /// missing), which the caller owns, on a free loopback port.
     pub fn start_at(io: Io, data: PathBuf, extra: &[&str]) -> TestNode {
+        assert!(!io.tls(), "start_at makes no certificates");
         let mut node = TestNode {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -139,6 +200,8 @@ impl TestNode {
             io,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             stats_lines: None,
+            ca: None,
+            tls_addr: None,
             _dir: None,
         };
         node.spawn("127.0.0.1:0".parse().unwrap());
@@ -163,11 +226,17 @@ impl TestNode {
         let (tx, rx) = std::sync::mpsc::channel();
         let (stats_tx, stats_rx) = std::sync::mpsc::channel();
         self.stats_lines = Some(stats_rx);
+        let tls_beside = self.extra.iter().any(|a| a == "--tls-listen");
         std::thread::spawn(move || {
             let mut line = String::new();
             let mut reader = BufReader::new(stdout);
             let _ = reader.read_line(&mut line);
             let _ = tx.send(line);
+            if tls_beside {
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let _ = tx.send(line);
+            }
             // Keep draining so the node never blocks on a full pipe.
             let mut sink = String::new();
             while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
@@ -187,6 +256,15 @@ impl TestNode {
         self.addr = addr
             .parse()
             .unwrap_or_else(|_| panic!("bad address in {line:?}"));
+        if tls_beside {
+            let line = rx
+                .recv_timeout(START_TIMEOUT)
+                .expect("node printed no tls line");
+            let addr = line
+                .strip_prefix("tern tls listening on ")
+                .unwrap_or_else(|| panic!("unexpected tls line {line:?}"));
+            self.tls_addr = Some(addr.trim().parse().expect("tls address"));
+        }
         self.child = Some(child);
     }
 
@@ -237,6 +315,52 @@ impl TestNode {
         }
     }
 
+    /// The client settings that trust this node (TLS nodes only).
+    pub fn tls_config(&self) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+        let ca = self.ca.as_ref()?;
+        Some(tern::transport::tls::client_config(ca).expect("client TLS settings"))
+    }
+
+    /// A blocking client of this node, over TLS on a TLS node.
+    pub fn client(&self, config: tern::client::ClientConfig) -> tern::client::BlockingClient {
+        let client = tern::client::BlockingClient::new(self.addr, config);
+        match self.tls_config() {
+            Some(tls) => client.with_tls(tls, tls_name()),
+            None => client,
+        }
+    }
+
+    /// A hand-driven connection, with its TLS handshake done on a TLS node.
+    pub fn raw(&self) -> RawConn {
+        let conn = RawConn::connect(self.addr);
+        match self.tls_config() {
+            Some(tls) => conn.into_tls(&tls),
+            None => conn,
+        }
+    }
+
+    /// `raw` from the loopback address `source`.
+    pub fn raw_from(&self, source: std::net::IpAddr) -> RawConn {
+        let conn = RawConn::connect_from(self.addr, source);
+        match self.tls_config() {
+            Some(tls) => conn.into_tls(&tls),
+            None => conn,
+        }
+    }
+
+    /// `--server ADDR` and, on a TLS node, `--tls --ca FILE` for a `tern` client command.
+    pub fn cli_server_args(&self) -> Vec<String> {
+        let mut args = vec!["--server".to_owned(), self.addr.to_string()];
+        if let Some(ca) = &self.ca {
+            args.extend([
+                "--tls".to_owned(),
+                "--ca".to_owned(),
+                ca.display().to_string(),
+            ]);
+        }
+        args
+    }
+
     /// SIGKILL: no flush, no goodbye.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -280,6 +404,27 @@ impl Drop for TestNode {
     }
 }
 
+/// The name test certificates are issued for (`generate_certs`).
+pub fn tls_name() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+/// Runs `tern cert generate --out DIR --name ...`; returns DIR.
+pub fn generate_certs(dir: &Path, names: &[&str]) -> PathBuf {
+    let mut command = tern_command();
+    command.args(["cert", "generate", "--out"]).arg(dir);
+    for name in names {
+        command.args(["--name", name]);
+    }
+    let out = command.output().expect("run tern cert generate");
+    assert!(
+        out.status.success(),
+        "cert generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
+}
+
 pub fn add_user(data: &Path, name: &str, password: &str) {
     let out = tern_command()
         .args(["user", "add", name, "--password", password, "--data"])
@@ -308,6 +453,8 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// A hand-driven connection for tests that need exact control over the bytes.
 pub struct RawConn {
     pub stream: std::net::TcpStream,
+    /// Present on a TLS connection: frames go through it both ways.
+    tls: Option<tern::transport::tls::TlsLayer>,
     reader: tern::protocol::FrameReader,
     frames: std::collections::VecDeque<(tern::protocol::FrameHeader, Vec<u8>)>,
     closed: bool,
@@ -319,6 +466,7 @@ impl RawConn {
         stream.set_nodelay(true).unwrap();
         RawConn {
             stream,
+            tls: None,
             reader: tern::protocol::FrameReader::new(),
             frames: Default::default(),
             closed: false,
@@ -342,10 +490,56 @@ impl RawConn {
         stream.set_nodelay(true).unwrap();
         RawConn {
             stream,
+            tls: None,
             reader: tern::protocol::FrameReader::new(),
             frames: Default::default(),
             closed: false,
         }
+    }
+
+    /// Completes a TLS handshake on this connection (trusting `config`'s CA); every later
+    /// frame goes through it.
+    pub fn into_tls(mut self, config: &std::sync::Arc<rustls::ClientConfig>) -> RawConn {
+        use std::io::{Read, Write};
+        let mut layer =
+            tern::transport::tls::TlsLayer::client(config, tls_name()).expect("tls client");
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut plaintext = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        while layer.is_handshaking() {
+            let mut out = Vec::new();
+            layer.take_ciphertext(&mut out);
+            if self.stream.write_all(&out).is_err() {
+                self.closed = true;
+                return self;
+            }
+            if !layer.is_handshaking() {
+                break;
+            }
+            let n = loop {
+                match self.stream.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    other => break other,
+                }
+            };
+            // A node that refused the connection at accept closes it: the test sees a
+            // closed connection, as it would over plain TCP.
+            let Ok(n @ 1..) = n else {
+                self.closed = true;
+                return self;
+            };
+            layer
+                .receive(&buf[..n], &mut plaintext)
+                .expect("tls handshake");
+        }
+        let mut out = Vec::new();
+        layer.take_ciphertext(&mut out);
+        self.stream.write_all(&out).expect("tls handshake write");
+        assert!(plaintext.is_empty(), "the node spoke before the hello");
+        self.tls = Some(layer);
+        self
     }
 
     /// Hello, then a login; returns `LoginOk` or the refusal's (code, message).
@@ -382,7 +576,17 @@ impl RawConn {
     pub fn write_bytes(&mut self, bytes: &[u8]) {
         use std::io::Write;
         // The node may have closed already; the test looks at what it read back.
-        let _ = self.stream.write_all(bytes);
+        match &mut self.tls {
+            None => {
+                let _ = self.stream.write_all(bytes);
+            }
+            Some(layer) => {
+                layer.send(bytes);
+                let mut out = Vec::new();
+                layer.take_ciphertext(&mut out);
+                let _ = self.stream.write_all(&out);
+            }
+        }
     }
 
     pub fn send<T>(&mut self, kind: tern::protocol::Kind, request_id: u32, value: &T)
@@ -422,9 +626,22 @@ impl RawConn {
             match self.stream.read(&mut buf) {
                 Ok(0) => self.closed = true,
                 Ok(n) => {
+                    let mut plaintext = Vec::new();
+                    let bytes = match &mut self.tls {
+                        None => &buf[..n],
+                        Some(layer) => {
+                            match layer.receive(&buf[..n], &mut plaintext) {
+                                Ok(tern::transport::tls::Inbound::Open) => {}
+                                Ok(tern::transport::tls::Inbound::PeerClosed) | Err(_) => {
+                                    self.closed = true
+                                }
+                            }
+                            &plaintext[..]
+                        }
+                    };
                     let frames = &mut self.frames;
                     self.reader
-                        .feed(&buf[..n], |h, p| {
+                        .feed(bytes, |h, p| {
                             frames.push_back((h, p.to_vec()));
                             true
                         })
