@@ -80,24 +80,7 @@ impl Io {
 #[allow(unused_macros)]
 macro_rules! io_tests {
     ($($name:ident),* $(,)?) => {
-        mod epoll {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(crate::common::Io::Epoll)
-                }
-            )*
-        }
-        mod uring {
-            $(
-                #[test]
-                fn $name() {
-                    if let Some(io) = crate::common::Io::uring_or_skip() {
-                        super::$name(io)
-                    }
-                }
-            )*
-        }
+        plain_io_tests!($($name),*);
         mod tls {
             $(
                 #[test]
