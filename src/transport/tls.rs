@@ -177,8 +177,17 @@ impl TlsLayer {
     }
 }
 
+/// ring, with ChaCha20-Poly1305 preferred over AES-GCM: the Raspberry Pi SoCs (Cortex-A53,
+/// A72) lack the ARMv8 AES instructions, so ChaCha20 is the faster cipher there. (Memory
+/// is the same either way: ring sizes every AEAD key for the largest algorithm.)
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    let chacha = rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256.suite();
+    // Stable: the other suites keep ring's order.
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != chacha);
+    Arc::new(provider)
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -205,7 +214,8 @@ pub fn certificates_from_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>
 }
 
 /// The node's TLS settings from a PEM certificate chain and a PEM private key (PKCS#8,
-/// SEC1 or PKCS#1): TLS 1.3 and 1.2, no client certificates, stateless resumption tickets.
+/// SEC1 or PKCS#1): TLS 1.3 and 1.2, ChaCha20-Poly1305 preferred, no client certificates,
+/// stateless resumption tickets.
 pub fn server_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = certificates_from_pem(cert_pem)?;
     let key = PrivateKeyDer::from_pem_slice(&read_file(key_pem)?)
@@ -216,6 +226,9 @@ pub fn server_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConfig
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
+    // The node's preference wins (ChaCha20 first, `provider`): the node is the box with
+    // the small CPU, and a phone with AES instructions handles either.
+    config.ignore_client_order = true;
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Protocol)?;
     config.send_tls13_tickets = TLS_TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
@@ -325,6 +338,33 @@ mod tests {
                 Inbound::PeerClosed
             );
         }
+    }
+
+    #[test]
+    fn the_node_picks_chacha20_even_for_a_client_that_prefers_aes() {
+        let (dir, server_config, _) = certs();
+        let provider = rustls::crypto::ring::default_provider();
+        assert_ne!(
+            provider.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        );
+        let mut roots = RootCertStore::empty();
+        for cert in certificates_from_pem(&dir.path().join("ca.pem")).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let aes_first = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut server = TlsLayer::server(&server_config).unwrap();
+        let mut client = TlsLayer::client(&Arc::new(aes_first), name()).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        pump(&mut client, &mut server, &mut a, &mut b);
+        assert_eq!(
+            server.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
+        );
     }
 
     #[test]
