@@ -613,21 +613,20 @@ impl<S: CommitSink> Writer<S> {
     /// `storage_full` and removes it (keeping the order of the rest). The ballast said why
     /// on stderr already.
     fn refuse_content(&mut self) {
-        let mut index = 0;
-        while index < self.batch.len() {
-            if !adds_content(&self.batch[index]) {
-                index += 1;
-                continue;
+        let (results, stats) = (&mut self.results, &mut self.stats);
+        self.batch.retain(|op| {
+            if !adds_content(op) {
+                return true;
             }
-            let op = self.batch.remove(index);
-            self.stats.ops_failed += 1;
-            if let Some(origin) = op_origin(&op) {
-                self.results.push(OpResult::SendFailed {
+            stats.ops_failed += 1;
+            if let Some(origin) = op_origin(op) {
+                results.push(OpResult::SendFailed {
                     origin,
                     code: ErrorCode::StorageFull,
                 });
             }
-        }
+            false
+        });
     }
 
     /// Answers one op that was not applied.
